@@ -1,0 +1,343 @@
+//! The command line, in Cloud Hypervisor's style: `--kernel PATH --cpus boot=N --memory size=SIZE
+//! ...`, or `--config FILE` with the same settings as JSON (flags given beside it override the
+//! file). Parsing ends in a `VmConfig`; nothing past here sees the raw arguments.
+
+use std::path::PathBuf;
+
+use crate::config::{
+    parse_size, ConfigError, CpuProfile, CpusConfig, FeatureChange, KernelConfig, MemoryConfig,
+    MemorySize, SerialConfig, VmConfig,
+};
+
+pub const HELP: &str = "\
+cove-vmm: run one KVM virtual machine
+
+USAGE:
+    cove-vmm --kernel PATH [--initramfs PATH] [--cmdline TEXT] [--cpus boot=N]
+             [--memory size=SIZE] [--serial tty|file=PATH|off] [--api-socket PATH]
+    cove-vmm --config FILE [flags that override the file]
+
+FLAGS:
+    --kernel PATH         kernel to boot: an ELF vmlinux (entered through its PVH note when it
+                          has one, else at its 64-bit entry), a PVH ELF, or a bzImage
+    --initramfs PATH      initramfs (or, for PVH guests, a module) loaded beside the kernel
+    --cmdline TEXT        kernel command line (at most 2047 bytes)
+    --cpus boot=N[,profile=auto|host|kvm-pvm]
+                          number of vCPUs (default 1), one thread each, and the CPUID shape:
+                          host passes through what KVM supports; kvm-pvm hides what a
+                          software-virtualised (kvm-pvm) host cannot emulate in guest kernel
+                          mode; auto (default) picks kvm-pvm on such a host, host elsewhere
+    --cpu-features LIST   comma-separated changes applied after the profile: -NAME hides a
+                          feature, +NAME shows one the profile hid (if KVM supports it).
+                          NAMES: cx16 popcnt xsave avx avx2 fma f16c smap smep pcid invpcid
+                          x2apic tsc-deadline rdrand rdseed aes pclmulqdq movbe sse4.1 sse4.2
+                          ssse3 fsgsbase bmi1 bmi2 adx sha erms fsrm rdpid umip pku la57
+                          avx512f xsaveopt xsavec xsaves rdtscp pdpe1gb topoext
+    --memory size=SIZE    guest memory (default 128M): bytes, or with a K, M, G or T suffix;
+                          above 3 GiB the memory continues at 4 GiB, leaving the 32-bit MMIO hole
+    --serial MODE         COM1 (IRQ 4): tty (stdout and stdin, the default), file=PATH, or off
+    --api-socket PATH     serve the HTTP API on this Unix socket:
+                            GET /api/v1/vmm.ping       GET /api/v1/vm.info
+                            PUT /api/v1/vm.pause       PUT /api/v1/vm.resume
+                            PUT /api/v1/vm.shutdown
+    --config FILE         read the settings from a JSON file, shaped as GET /api/v1/vm.info's
+                          \"config\": {\"kernel\": {\"path\", \"initramfs\", \"cmdline\"},
+                          \"cpus\": {\"boot\", \"profile\", \"features\"}, \"memory\": {\"size\"},
+                          \"serial\": \"tty\"|\"off\"|{\"file\": PATH}, \"api_socket\"}
+    -h, --help            print this help
+    -V, --version         print the version
+
+DEVICES:
+    COM1 16550 serial (0x3f8, IRQ 4); i8042 (0x60, 0x64: the guest's reset ends the VMM);
+    boot timer at MMIO 0xc0000000 (a guest write of the byte 123 prints
+    \"guest boot time: N us\" on stderr); in-kernel IOAPIC, LAPICs and PIT; an MP table.
+
+EXIT STATUS:
+    0  the guest reset or powered off, or the VM was stopped by the API, SIGTERM or SIGINT
+    1  the configuration or the host was not usable; nothing was started
+    2  the guest failed: a KVM internal error, a triple fault, or a vCPU that could not run
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("unknown argument \"{0}\": see cove-vmm --help")]
+    UnknownArgument(String),
+    #[error("{0} needs a value: see cove-vmm --help")]
+    MissingValue(String),
+    #[error("--kernel is required (or a --config file with a kernel)")]
+    NoKernel,
+    #[error("invalid {flag} value \"{value}\": {reason}")]
+    InvalidValue {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("cannot read the config file {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the config file {path} is not a valid VM config: {source}")]
+    ParseConfig {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Box<VmConfig>),
+    Help,
+    Version,
+}
+
+#[derive(Default)]
+struct Overrides {
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    cmdline: Option<String>,
+    cpus: Option<String>,
+    cpu_features: Option<String>,
+    memory: Option<String>,
+    serial: Option<String>,
+    api_socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+}
+
+/// Parses the arguments (without the program name).
+pub fn parse<I: IntoIterator<Item = String>>(arguments: I) -> Result<Command, CliError> {
+    let mut overrides = Overrides::default();
+    let mut arguments = arguments.into_iter();
+    while let Some(argument) = arguments.next() {
+        let (flag, inline) = match argument.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag.to_string(), Some(value.into())),
+            _ => (argument.clone(), None),
+        };
+        let mut value = || -> Result<String, CliError> {
+            inline
+                .clone()
+                .or_else(|| arguments.next())
+                .ok_or_else(|| CliError::MissingValue(flag.clone()))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "--kernel" => overrides.kernel = Some(value()?.into()),
+            "--initramfs" => overrides.initramfs = Some(value()?.into()),
+            "--cmdline" => overrides.cmdline = Some(value()?),
+            "--cpus" => overrides.cpus = Some(value()?),
+            "--cpu-features" => overrides.cpu_features = Some(value()?),
+            "--memory" => overrides.memory = Some(value()?),
+            "--serial" => overrides.serial = Some(value()?),
+            "--api-socket" => overrides.api_socket = Some(value()?.into()),
+            "--config" => overrides.config = Some(value()?.into()),
+            _ => return Err(CliError::UnknownArgument(argument)),
+        }
+    }
+    let config = build(overrides)?;
+    config.validate()?;
+    Ok(Command::Run(Box::new(config)))
+}
+
+fn build(overrides: Overrides) -> Result<VmConfig, CliError> {
+    let mut config = match &overrides.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadConfig {
+                path: path.clone(),
+                source,
+            })?;
+            serde_json::from_str(&text).map_err(|source| CliError::ParseConfig {
+                path: path.clone(),
+                source,
+            })?
+        }
+        None => VmConfig {
+            kernel: KernelConfig {
+                path: overrides.kernel.clone().ok_or(CliError::NoKernel)?,
+                initramfs: None,
+                cmdline: String::new(),
+            },
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            serial: SerialConfig::default(),
+            api_socket: None,
+        },
+    };
+    if let Some(path) = overrides.kernel {
+        config.kernel.path = path;
+    }
+    if let Some(path) = overrides.initramfs {
+        config.kernel.initramfs = Some(path);
+    }
+    if let Some(cmdline) = overrides.cmdline {
+        config.kernel.cmdline = cmdline;
+    }
+    if let Some(cpus) = overrides.cpus {
+        parse_cpus(&cpus, &mut config.cpus)?;
+    }
+    if let Some(features) = overrides.cpu_features {
+        for change in features.split(',').filter(|change| !change.is_empty()) {
+            config.cpus.features.push(change.parse::<FeatureChange>()?);
+        }
+    }
+    if let Some(memory) = overrides.memory {
+        config.memory.size = parse_memory(&memory)?;
+    }
+    if let Some(serial) = overrides.serial {
+        config.serial = parse_serial(&serial)?;
+    }
+    if let Some(socket) = overrides.api_socket {
+        config.api_socket = Some(socket);
+    }
+    Ok(config)
+}
+
+fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> CliError {
+    CliError::InvalidValue {
+        flag,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// `boot=N[,profile=P]`; a bare number is taken as `boot=N`.
+fn parse_cpus(text: &str, cpus: &mut CpusConfig) -> Result<(), CliError> {
+    for part in text.split(',') {
+        let (key, value) = part.split_once('=').unwrap_or(("boot", part));
+        match key {
+            "boot" => {
+                cpus.boot = value
+                    .parse()
+                    .map_err(|_| ConfigError::VcpuCount(value.to_string()))?;
+            }
+            "profile" => {
+                cpus.profile = value
+                    .parse::<CpuProfile>()
+                    .map_err(|reason| invalid("--cpus", text, reason))?;
+            }
+            _ => {
+                return Err(invalid(
+                    "--cpus",
+                    text,
+                    format!(
+                        "unknown option \"{key}\": expected boot=N or profile=auto|host|kvm-pvm"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `size=SIZE`, or a bare size.
+fn parse_memory(text: &str) -> Result<MemorySize, CliError> {
+    let value = text.strip_prefix("size=").unwrap_or(text);
+    if value.is_empty() || value.contains(['=', ',']) {
+        return Err(invalid(
+            "--memory",
+            text,
+            "expected size=SIZE, such as size=512M",
+        ));
+    }
+    Ok(MemorySize(parse_size(value)?))
+}
+
+fn parse_serial(text: &str) -> Result<SerialConfig, CliError> {
+    match text {
+        "tty" => Ok(SerialConfig::Tty),
+        "off" => Ok(SerialConfig::Off),
+        _ => match text.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => Ok(SerialConfig::File(path.into())),
+            _ => Err(invalid("--serial", text, "expected tty, off or file=PATH")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(arguments: &[&str]) -> Result<VmConfig, CliError> {
+        match parse(arguments.iter().map(|argument| argument.to_string()))? {
+            Command::Run(config) => Ok(*config),
+            other => panic!("expected a run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_build_the_config() {
+        let config = run(&[
+            "--kernel",
+            "/boot/vmlinux",
+            "--initramfs=/i.cpio",
+            "--cmdline",
+            "console=ttyS0",
+            "--cpus",
+            "boot=4,profile=host",
+            "--memory",
+            "size=2G",
+            "--serial",
+            "file=/tmp/out",
+            "--api-socket",
+            "/tmp/api.sock",
+            "--cpu-features",
+            "-avx,+cx16",
+        ])
+        .unwrap();
+        assert_eq!(config.kernel.path, PathBuf::from("/boot/vmlinux"));
+        assert_eq!(config.kernel.initramfs, Some(PathBuf::from("/i.cpio")));
+        assert_eq!(config.kernel.cmdline, "console=ttyS0");
+        assert_eq!(config.cpus.boot, 4);
+        assert_eq!(config.cpus.profile, CpuProfile::Host);
+        assert_eq!(config.cpus.features.len(), 2);
+        assert_eq!(config.memory.size, MemorySize(2 << 30));
+        assert_eq!(config.serial, SerialConfig::File("/tmp/out".into()));
+        assert_eq!(config.api_socket, Some(PathBuf::from("/tmp/api.sock")));
+    }
+
+    #[test]
+    fn bad_input_gets_a_message_naming_it() {
+        let message = |arguments: &[&str]| run(arguments).unwrap_err().to_string();
+        assert!(message(&[]).contains("--kernel is required"));
+        assert!(
+            message(&["--kernel", "k", "--memory", "12X"]).contains("invalid memory size \"12X\"")
+        );
+        assert!(message(&["--kernel", "k", "--memory", "size="]).contains("expected size=SIZE"));
+        assert!(message(&["--kernel", "k", "--cpus", "boot=0"]).contains("at least one vCPU"));
+        assert!(message(&["--kernel", "k", "--cpus", "boot=two"]).contains("invalid vCPU count"));
+        assert!(message(&["--kernel", "k", "--cpus", "boot=1,sockets=2"])
+            .contains("unknown option \"sockets\""));
+        assert!(message(&["--kernel", "k", "--serial", "pty"])
+            .contains("expected tty, off or file=PATH"));
+        assert!(message(&["--kernel", "k", "--bogus"]).contains("unknown argument \"--bogus\""));
+        assert!(message(&["--kernel"]).contains("--kernel needs a value"));
+        assert!(message(&["--kernel", "k", "--cpu-features", "avx"]).contains("write +NAME"));
+        assert!(message(&["--config", "/nonexistent.json"]).contains("cannot read the config file"));
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("cove-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vm.json");
+        std::fs::write(
+            &file,
+            r#"{"kernel": {"path": "/k", "cmdline": "a"}, "cpus": {"boot": 2}}"#,
+        )
+        .unwrap();
+        let config = run(&["--config", file.to_str().unwrap(), "--cmdline", "b"]).unwrap();
+        assert_eq!(config.kernel.cmdline, "b");
+        assert_eq!(config.cpus.boot, 2);
+        std::fs::write(&file, "{not json").unwrap();
+        let error = run(&["--config", file.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("is not a valid VM config"), "{error}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
