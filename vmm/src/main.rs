@@ -19,7 +19,12 @@ fn main() {
         }
         Ok(Command::Run(config)) => match Vm::build(&config, started).and_then(Vm::run) {
             Ok(reason) => {
-                eprintln!("cove-vmm: VM stopped: {}", reason.describe());
+                let outcome = if reason.exit_code() == 0 {
+                    "stopped"
+                } else {
+                    "failed"
+                };
+                eprintln!("cove-vmm: VM {outcome}: {}", reason.describe());
                 reason.exit_code()
             }
             Err(error) => {

@@ -130,8 +130,19 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     control: Arc<VmControl>,
     serial: Option<Arc<Mutex<SerialPort>>>,
-    reset_event: EventFd,
     api: Option<ApiServer>,
+}
+
+/// The i8042's reset line: records the exit on the vCPU thread that pulled it.
+struct ResetTrigger(Arc<VmControl>);
+
+impl vm_superio::Trigger for ResetTrigger {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.request_exit(ExitReason::GuestReset);
+        Ok(())
+    }
 }
 
 impl Vm {
@@ -223,8 +234,8 @@ impl Vm {
 
         // Devices.
         let boot_time = Arc::new(BootTime::default());
-        let reset_event =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(host_error("the reset event"))?;
+        let control =
+            Arc::new(VmControl::new(config.cpus.boot).map_err(host_error("the exit event"))?);
         let mut io_bus = Bus::new();
         let mut mmio_bus = Bus::new();
         let serial = match serial_output {
@@ -243,15 +254,11 @@ impl Vm {
             }
             None => None,
         };
-        let reset_trigger = EventFdTrigger::new(
-            reset_event
-                .try_clone()
-                .map_err(host_error("the reset event"))?,
-        );
+        let reset = ResetTrigger(control.clone());
         io_bus.insert(
             I8042_PORT,
             I8042_PORT_SIZE,
-            shared(ResetController::new(reset_trigger)),
+            shared(ResetController::new(reset)),
         )?;
         mmio_bus.insert(
             BOOT_TIMER_START,
@@ -267,8 +274,6 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_error("report its supported CPUID"))?;
-        let control =
-            Arc::new(VmControl::new(config.cpus.boot).map_err(host_error("the exit event"))?);
         let mut vcpus = Vec::new();
         for index in 0..config.cpus.boot {
             let fd = vm_fd
@@ -310,7 +315,6 @@ impl Vm {
             vcpus,
             control,
             serial,
-            reset_event,
             api,
         })
     }
@@ -341,7 +345,6 @@ impl Vm {
         };
         let controller = Controller {
             handle,
-            reset_event: self.reset_event,
             signals,
             stdin: self
                 .serial
@@ -474,10 +477,9 @@ impl VmApi for VmHandle {
     }
 }
 
-/// The event loop's one subscriber: exit and reset events, stop signals, console input, API.
+/// The event loop's one subscriber: the exit event, stop signals, console input, API.
 struct Controller {
     handle: VmHandle,
-    reset_event: EventFd,
     signals: File,
     stdin: Option<Arc<Mutex<SerialPort>>>,
     api: Option<ApiServer>,
@@ -505,7 +507,6 @@ impl MutEventSubscriber for Controller {
     fn init(&mut self, ops: &mut EventOps) {
         let readable = |fd: RawFd| Events::new_raw(fd, EventSet::IN);
         let _ = ops.add(readable(self.handle.control.exit_event().as_raw_fd()));
-        let _ = ops.add(readable(self.reset_event.as_raw_fd()));
         let _ = ops.add(readable(self.signals.as_raw_fd()));
         if self.stdin.is_some() && ops.add(readable(libc::STDIN_FILENO)).is_err() {
             // stdin is a file or /dev/null, which epoll cannot watch: no console input.
@@ -520,9 +521,6 @@ impl MutEventSubscriber for Controller {
         let fd = events.fd();
         if fd == self.handle.control.exit_event().as_raw_fd() {
             let _ = self.handle.control.exit_event().read();
-        } else if fd == self.reset_event.as_raw_fd() {
-            let _ = self.reset_event.read();
-            self.handle.control.request_exit(ExitReason::GuestReset);
         } else if fd == self.signals.as_raw_fd() {
             if let Some(signal) = terminal::read_signal(&self.signals) {
                 self.handle.control.request_exit(ExitReason::Signal(signal));

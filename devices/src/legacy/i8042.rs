@@ -1,25 +1,26 @@
 //! The i8042 keyboard controller, modelled only as far as a guest needs it to reset the machine:
 //! the "pulse reset line" command (0xFE on the command port) fires the reset event.
 
-use vm_superio::I8042Device;
+use vm_superio::{I8042Device, Trigger};
 
-use super::EventFdTrigger;
 use crate::bus::BusDevice;
 
 /// The i8042 at ports 0x60..0x65 (data port at offset 0, command/status port at offset 4).
-pub struct ResetController {
-    device: I8042Device<EventFdTrigger>,
+/// `reset` fires on the vCPU thread that wrote the command, so the VMM can stop that vCPU before
+/// it runs another guest instruction.
+pub struct ResetController<T: Trigger> {
+    device: I8042Device<T>,
 }
 
-impl ResetController {
-    pub fn new(reset: EventFdTrigger) -> Self {
+impl<T: Trigger> ResetController<T> {
+    pub fn new(reset: T) -> Self {
         Self {
             device: I8042Device::new(reset),
         }
     }
 }
 
-impl BusDevice for ResetController {
+impl<T: Trigger + Send> BusDevice for ResetController<T> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data) {
             (Ok(offset), [byte]) => *byte = self.device.read(offset),
@@ -29,8 +30,7 @@ impl BusDevice for ResetController {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
-            // Writing the eventfd can only fail if its counter is saturated, which means a reset
-            // is already pending.
+            // A trigger that fails has nowhere to report to but the guest, which cannot act on it.
             let _ = self.device.write(offset, *byte);
         }
     }
@@ -39,6 +39,7 @@ impl BusDevice for ResetController {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::legacy::EventFdTrigger;
     use vmm_sys_util::eventfd::EventFd;
 
     #[test]

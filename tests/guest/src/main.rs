@@ -1,0 +1,159 @@
+//! cove's bare-metal test guest: a PVH kernel that reports on COM1 what the VMM gave it
+//! (command line, memory map, modules, processors), starts every processor, records the boot
+//! time, and then ends the way the command line asks.
+//!
+//! The output is a contract with the VMM's integration tests, which parse it line by line:
+//!
+//! ```text
+//! cove-test-guest: hello
+//! cmdline: <command line>
+//! memory: start=0x<hex> size=0x<hex> type=<decimal>     one per memory map entry
+//! memory-ram: <total bytes of type 1>
+//! module: start=0x<hex> size=0x<hex>                    one per module
+//! modules: <count>
+//! mptable: cpus=<processor entries> bsp=<APIC id>
+//! cpu-online: apic=<APIC id>                            printed by each application processor
+//! cpus-online: <count, bootstrap processor included>
+//! boot-timer: written
+//! cove-test-guest: done
+//! ```
+//!
+//! followed by what `exit=` asks for (see `command_line.rs`). Problems are reported on lines
+//! starting with `error:`, and a panic prints `cove-test-guest: panic: <message>` and resets.
+//!
+//! The crate is built for x86_64-unknown-linux-gnu as a freestanding static ELF with SSE and
+//! x87 disabled (see `.cargo/config.toml` and `build`): the guest must run on a software
+//! hypervisor that cannot emulate those instructions in guest kernel mode.
+
+#![no_std]
+#![no_main]
+
+mod boot;
+mod command_line;
+mod cpu;
+mod exit;
+mod memory_builtins;
+mod mptable;
+mod serial;
+mod smp;
+mod start_info;
+mod trampoline;
+
+use command_line::Options;
+use serial::{println, Console};
+use start_info::{StartInfo, MEMORY_TYPE_RAM};
+
+/// A one-byte write of [`BOOT_TIME_MARKER`] here makes cove's boot-timer device record the
+/// time the guest took to boot.
+const BOOT_TIMER_ADDRESS: usize = 0xc000_0000;
+const BOOT_TIME_MARKER: u8 = 123;
+
+/// The bootstrap processor's entry from `boot.rs`, in 64-bit mode on the boot stack.
+extern "C" fn guest_main(start_info_address: u64) -> ! {
+    Console::lock().text("cove-test-guest: hello").end_line();
+    let start_info = StartInfo::read(start_info_address).unwrap_or_else(|error| {
+        panic!("cannot read start_info at {start_info_address:#x}: {error}")
+    });
+    let command_line = start_info.command_line().unwrap_or_else(|error| {
+        println!("error: {error}");
+        &[]
+    });
+    Console::lock()
+        .text("cmdline: ")
+        .bytes(command_line)
+        .end_line();
+    let options = Options::parse(command_line);
+
+    report_memory_map(&start_info);
+    report_modules(&start_info);
+    start_processors();
+
+    // SAFETY: the boot-timer device is a VMM MMIO register at this address, inside the
+    // uncached 3..4 GiB gigabyte of the identity mapping; a volatile byte store is exactly
+    // the access it expects and touches no guest memory.
+    unsafe { core::ptr::write_volatile(BOOT_TIMER_ADDRESS as *mut u8, BOOT_TIME_MARKER) };
+    Console::lock().text("boot-timer: written").end_line();
+    Console::lock().text("cove-test-guest: done").end_line();
+    exit::perform(options.exit_action, options.tick_loops)
+}
+
+fn report_memory_map(start_info: &StartInfo) {
+    if start_info.version() < 1 {
+        println!("error: start_info version 0 has no memory map");
+    }
+    let mut ram_bytes: u64 = 0;
+    match start_info.memory_map() {
+        Ok(entries) => {
+            for entry in entries {
+                Console::lock()
+                    .text("memory: start=")
+                    .hex(entry.address)
+                    .text(" size=")
+                    .hex(entry.size)
+                    .text(" type=")
+                    .decimal(u64::from(entry.entry_type))
+                    .end_line();
+                if entry.entry_type == MEMORY_TYPE_RAM {
+                    ram_bytes = ram_bytes.wrapping_add(entry.size);
+                }
+            }
+        }
+        Err(error) => println!("error: {error}"),
+    }
+    Console::lock()
+        .text("memory-ram: ")
+        .decimal(ram_bytes)
+        .end_line();
+}
+
+fn report_modules(start_info: &StartInfo) {
+    let mut count = 0;
+    match start_info.modules() {
+        Ok(modules) => {
+            for module in modules {
+                Console::lock()
+                    .text("module: start=")
+                    .hex(module.address)
+                    .text(" size=")
+                    .hex(module.size)
+                    .end_line();
+                count += 1;
+            }
+        }
+        Err(error) => println!("error: {error}"),
+    }
+    Console::lock().text("modules: ").decimal(count).end_line();
+}
+
+/// Reads the MP table and starts the processors it lists; without one, only this processor
+/// runs.
+fn start_processors() {
+    match mptable::find() {
+        Ok(table) => {
+            let bootstrap_apic_id = table.bootstrap_apic_id().unwrap_or_else(|| {
+                println!("error: mptable: no processor entry has the bootstrap flag");
+                smp::current_apic_id()
+            });
+            Console::lock()
+                .text("mptable: cpus=")
+                .decimal(table.processors().len() as u64)
+                .text(" bsp=")
+                .decimal(u64::from(bootstrap_apic_id))
+                .end_line();
+            smp::start_application_processors(table.processors());
+        }
+        Err(error) => {
+            println!("error: mptable: {error}");
+            smp::start_application_processors(&[]);
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    use core::fmt::Write;
+    let mut console = Console::lock_for_panic();
+    let _ = writeln!(console, "cove-test-guest: panic: {}", info.message());
+    drop(console);
+    exit::reset()
+}

@@ -1,0 +1,319 @@
+//! Shared support for cove's black-box tests: find the built binaries, build the test guest and
+//! the guest kernel (through the project's own scripts, which cache their results), start a VM
+//! and watch its console, and talk to its API.
+//!
+//! Tests need a usable /dev/kvm; they fail with a message saying so when there is none.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `cove-vmm` binary built beside this test binary (`cargo build --workspace` builds it;
+/// `tools/test` does so before testing).
+pub fn cove_vmm() -> PathBuf {
+    let test_binary = std::env::current_exe().expect("the test binary knows its path");
+    let profile_dir = test_binary
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let binary = profile_dir.join("cove-vmm");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first with `cargo build --workspace --bins` (tools/test does)",
+        binary.display()
+    );
+    binary
+}
+
+/// Fails the test with a clear message when this machine cannot run VMs.
+pub fn require_kvm() {
+    if let Err(error) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!(
+            "this test boots VMs and needs read-write access to /dev/kvm, which failed: {error}"
+        );
+    }
+}
+
+/// True on a kvm-pvm host (a software hypervisor: guest kernel code is emulated).
+pub fn host_is_kvm_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+        || !std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|line| {
+                line.starts_with("flags") && (line.contains(" vmx") || line.contains(" svm"))
+            })
+}
+
+/// Runs one of the project's build scripts and returns the path it prints on its last line.
+pub fn built_by(script: &str, arguments: &[&str]) -> PathBuf {
+    let script_path = repository().join(script);
+    let output = Command::new(&script_path)
+        .args(arguments)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {}: {error}", script_path.display()));
+    assert!(
+        output.status.success(),
+        "{script} failed with {}",
+        output.status
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let path = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    assert!(
+        path.is_file(),
+        "{script} printed {path:?}, which is not a file"
+    );
+    path
+}
+
+/// The bare-metal test guest, built once per test process.
+pub fn test_guest() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| built_by("tests/guest/build", &[]))
+}
+
+/// A unique scratch directory for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cove-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a scratch directory");
+    dir
+}
+
+#[derive(Default)]
+struct Output {
+    stdout: String,
+    stderr: String,
+    closed: usize,
+}
+
+/// A running `cove-vmm` whose console (stdout) and stderr are collected as they arrive.
+pub struct Vmm {
+    child: Child,
+    output: Arc<(Mutex<Output>, Condvar)>,
+}
+
+/// How a `cove-vmm` run ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The console lines that start with `prefix`, with the prefix removed.
+    pub fn values(&self, prefix: &str) -> Vec<String> {
+        self.stdout
+            .lines()
+            .filter_map(|line| line.strip_prefix(prefix))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The one console line starting with `prefix`, without the prefix.
+    pub fn value(&self, prefix: &str) -> String {
+        let values = self.values(prefix);
+        assert_eq!(
+            values.len(),
+            1,
+            "expected one line starting {prefix:?} in:\n{}",
+            self.stdout
+        );
+        values.into_iter().next().unwrap_or_default()
+    }
+}
+
+impl Vmm {
+    /// Starts `cove-vmm` with `arguments`.
+    pub fn start(arguments: &[&str]) -> Self {
+        let mut child = Command::new(cove_vmm())
+            .args(arguments)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cove-vmm");
+        let output = Arc::new((Mutex::new(Output::default()), Condvar::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        collect(stdout, output.clone(), |output| &mut output.stdout);
+        collect(stderr, output.clone(), |output| &mut output.stderr);
+        Self { child, output }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the console shows a line containing `needle`; panics with the console so far
+    /// if it does not within `timeout`.
+    pub fn wait_for_console(&self, needle: &str, timeout: Duration) {
+        self.wait_until(timeout, |output| output.stdout.contains(needle))
+            .unwrap_or_else(|(stdout, stderr)| {
+                panic!("no console line with {needle:?} within {timeout:?}; console:\n{stdout}\nstderr:\n{stderr}")
+            });
+    }
+
+    /// How many console lines start with `prefix` so far.
+    pub fn count_console_lines(&self, prefix: &str) -> usize {
+        let guard = self.output.0.lock().expect("output lock");
+        guard
+            .stdout
+            .lines()
+            .filter(|line| line.starts_with(prefix))
+            .count()
+    }
+
+    fn wait_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&Output) -> bool,
+    ) -> Result<(), (String, String)> {
+        let deadline = Instant::now() + timeout;
+        let (lock, changed) = &*self.output;
+        let mut output = lock.lock().expect("output lock");
+        while !done(&output) {
+            let now = Instant::now();
+            if now >= deadline || output.closed == 2 {
+                return Err((output.stdout.clone(), output.stderr.clone()));
+            }
+            output = changed
+                .wait_timeout(output, deadline - now)
+                .expect("output lock")
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to end (killing it after `timeout`, which fails the test).
+    pub fn wait(mut self, timeout: Duration) -> Finished {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for cove-vmm") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let (stdout, stderr) = self.snapshot();
+                panic!("cove-vmm did not exit within {timeout:?}; console:\n{stdout}\nstderr:\n{stderr}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let _ = self.wait_until(Duration::from_secs(5), |output| output.closed == 2);
+        let (stdout, stderr) = self.snapshot();
+        Finished {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn snapshot(&self) -> (String, String) {
+        let output = self.output.0.lock().expect("output lock");
+        (output.stdout.clone(), output.stderr.clone())
+    }
+
+    /// Sends a signal to the VMM process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill() with the pid of our own child has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect(
+    stream: impl Read + Send + 'static,
+    output: Arc<(Mutex<Output>, Condvar)>,
+    field: fn(&mut Output) -> &mut String,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let read = reader.read_until(b'\n', &mut line).unwrap_or(0);
+            let (lock, changed) = &*output;
+            let mut guard = lock.lock().expect("output lock");
+            if read == 0 {
+                guard.closed += 1;
+                changed.notify_all();
+                return;
+            }
+            field(&mut guard).push_str(&String::from_utf8_lossy(&line));
+            changed.notify_all();
+        }
+    });
+}
+
+/// Runs `cove-vmm` to completion.
+pub fn run_vmm(arguments: &[&str], timeout: Duration) -> Finished {
+    Vmm::start(arguments).wait(timeout)
+}
+
+/// One HTTP request to a VMM's API socket: returns the status and the body.
+pub fn api_request(socket: &Path, method: &str, path: &str) -> (u16, String) {
+    raw_api_request(
+        socket,
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
+    )
+}
+
+/// Sends `bytes` as they are and returns the status and body of the answer.
+pub fn raw_api_request(socket: &Path, bytes: &[u8]) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket)
+        .unwrap_or_else(|error| panic!("cannot connect to {}: {error}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a read timeout");
+    stream.write_all(bytes).expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Waits until `path` exists (a socket the VMM creates at start).
+pub fn wait_for_path(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}

@@ -1,0 +1,297 @@
+//! The bare-metal test guest under cove-vmm on real KVM: it prints what the VMM handed it (the
+//! PVH start info's command line and memory map, the MP table), starts its other vCPUs, writes
+//! the boot timer and resets. Each test checks those facts against the VM's configuration.
+
+use std::time::Duration;
+
+use cove_tests::{require_kvm, run_vmm, test_guest, Finished, Vmm};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn boot(cpus: u32, memory: &str, cmdline: &str) -> Finished {
+    require_kvm();
+    let guest = test_guest().to_str().expect("UTF-8 path").to_string();
+    let cpus = format!("boot={cpus}");
+    let memory = format!("size={memory}");
+    run_vmm(
+        &[
+            "--kernel",
+            &guest,
+            "--cpus",
+            &cpus,
+            "--memory",
+            &memory,
+            "--cmdline",
+            cmdline,
+        ],
+        TIMEOUT,
+    )
+}
+
+/// The guest's memory map as (start, size, type).
+fn memory_map(finished: &Finished) -> Vec<(u64, u64, u32)> {
+    finished
+        .values("memory: ")
+        .iter()
+        .map(|line| {
+            let field = |name: &str| {
+                line.split(' ')
+                    .find_map(|part| part.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                    .to_string()
+            };
+            let hex =
+                |text: String| u64::from_str_radix(text.trim_start_matches("0x"), 16).expect("hex");
+            (
+                hex(field("start=")),
+                hex(field("size=")),
+                field("type=").parse().expect("type"),
+            )
+        })
+        .collect()
+}
+
+fn assert_booted(finished: &Finished, cpus: u32, cmdline: &str) {
+    assert_eq!(
+        finished.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        finished.stderr
+    );
+    assert_eq!(
+        finished.values("cove-test-guest: "),
+        ["hello", "done", "reset"],
+        "console:\n{}",
+        finished.stdout
+    );
+    assert_eq!(finished.value("cmdline: "), cmdline);
+    assert_eq!(finished.value("mptable: "), format!("cpus={cpus} bsp=0"));
+    assert_eq!(finished.value("cpus-online: "), cpus.to_string());
+    let mut online: Vec<u32> = finished
+        .values("cpu-online: apic=")
+        .iter()
+        .map(|id| id.parse().expect("APIC ID"))
+        .collect();
+    online.sort_unstable();
+    assert_eq!(
+        online,
+        (1..cpus).collect::<Vec<_>>(),
+        "every AP announces itself once"
+    );
+    assert_eq!(finished.value("boot-timer: "), "written");
+    assert!(
+        finished.stderr.contains("guest boot time: "),
+        "stderr:\n{}",
+        finished.stderr
+    );
+    assert!(finished
+        .stderr
+        .contains("VM stopped: the guest reset the machine"));
+}
+
+#[test]
+fn one_vcpu_and_128_mib() {
+    let finished = boot(1, "128M", "exit=reset hello=world");
+    assert_booted(&finished, 1, "exit=reset hello=world");
+    assert_eq!(
+        memory_map(&finished),
+        vec![(0, 0x9fc00, 1), (0x10_0000, (128 << 20) - 0x10_0000, 1)]
+    );
+    assert_eq!(
+        finished.value("memory-ram: "),
+        ((128 << 20) - 0x10_0000 + 0x9fc00u64).to_string()
+    );
+    assert_eq!(finished.value("modules: "), "0");
+}
+
+#[test]
+fn two_vcpus_start_and_announce_themselves() {
+    let finished = boot(2, "128M", "exit=reset");
+    assert_booted(&finished, 2, "exit=reset");
+}
+
+#[test]
+fn four_vcpus_and_4_gib_with_the_mmio_hole() {
+    let finished = boot(4, "4G", "exit=reset");
+    assert_booted(&finished, 4, "exit=reset");
+    // RAM stops at 3 GiB and the last GiB continues above 4 GiB.
+    assert_eq!(
+        memory_map(&finished),
+        vec![
+            (0, 0x9fc00, 1),
+            (0x10_0000, 0xc000_0000 - 0x10_0000, 1),
+            (0x1_0000_0000, 0x4000_0000, 1)
+        ]
+    );
+    let total = 0x9fc00u64 + (0xc000_0000 - 0x10_0000) + 0x4000_0000;
+    assert_eq!(finished.value("memory-ram: "), total.to_string());
+}
+
+#[test]
+fn an_initramfs_is_handed_over_as_a_pvh_module() {
+    require_kvm();
+    let dir = cove_tests::scratch_dir("module");
+    let module = dir.join("module.bin");
+    std::fs::write(&module, vec![0xa5; 12345]).expect("write the module");
+    let guest = test_guest().to_str().expect("UTF-8 path").to_string();
+    let finished = run_vmm(
+        &[
+            "--kernel",
+            &guest,
+            "--initramfs",
+            module.to_str().expect("UTF-8"),
+            "--memory",
+            "64M",
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(
+        finished.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        finished.stderr
+    );
+    assert_eq!(finished.value("modules: "), "1");
+    let module_line = finished.value("module: ");
+    assert!(module_line.ends_with("size=0x3039"), "{module_line}");
+    // The module sits page-aligned at the top of RAM.
+    let start = u64::from_str_radix(
+        module_line
+            .trim_start_matches("start=0x")
+            .split(' ')
+            .next()
+            .expect("start"),
+        16,
+    )
+    .expect("hex");
+    assert_eq!(start, ((64 << 20) - 12345) & !0xfff);
+    std::fs::remove_dir_all(dir).expect("clean up");
+}
+
+#[test]
+fn a_triple_fault_ends_the_vmm_with_a_failure() {
+    let finished = boot(1, "64M", "exit=triple-fault");
+    assert_eq!(
+        finished.status.code(),
+        Some(2),
+        "stderr:\n{}",
+        finished.stderr
+    );
+    assert!(finished.stdout.contains("cove-test-guest: done"));
+    assert!(
+        finished
+            .stderr
+            .contains("the guest triple-faulted on vCPU 0 at RIP 0x"),
+        "stderr:\n{}",
+        finished.stderr
+    );
+}
+
+#[test]
+fn an_instruction_the_host_cannot_emulate_is_reported_not_hung() {
+    let finished = boot(1, "64M", "exit=cmpxchg16b");
+    if cove_tests::host_is_kvm_pvm() {
+        // kvm-pvm emulates guest kernel code and has no cmpxchg16b: cove-vmm must say so.
+        eprintln!("kvm-pvm host: expecting the internal-error report");
+        assert_eq!(
+            finished.status.code(),
+            Some(2),
+            "stderr:\n{}",
+            finished.stderr
+        );
+        assert!(
+            finished.stderr.contains("KVM internal error on vCPU 0"),
+            "{}",
+            finished.stderr
+        );
+        assert!(
+            finished
+                .stderr
+                .contains("instruction emulation failed (suberror 1)"),
+            "{}",
+            finished.stderr
+        );
+        // lock cmpxchg16b: F0 48 0F C7 /1
+        assert!(
+            finished.stderr.contains("instruction bytes [f0 48 0f c7"),
+            "{}",
+            finished.stderr
+        );
+    } else {
+        eprintln!("hardware-virtualised host: expecting the guest to run the instruction");
+        assert_eq!(
+            finished.status.code(),
+            Some(0),
+            "stderr:\n{}",
+            finished.stderr
+        );
+        assert_eq!(finished.value("cmpxchg16b: "), "ok");
+    }
+}
+
+#[test]
+fn sigterm_stops_a_running_guest() {
+    require_kvm();
+    let guest = test_guest().to_str().expect("UTF-8 path").to_string();
+    let vmm = Vmm::start(&["--kernel", &guest, "--cmdline", "exit=tick", "--cpus", "2"]);
+    vmm.wait_for_console("tick 2", TIMEOUT);
+    vmm.signal(libc::SIGTERM);
+    let finished = vmm.wait(TIMEOUT);
+    assert_eq!(
+        finished.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        finished.stderr
+    );
+    assert!(
+        finished.stderr.contains("VM stopped: stopped by signal 15"),
+        "{}",
+        finished.stderr
+    );
+}
+
+#[test]
+fn serial_output_can_go_to_a_file_or_nowhere() {
+    require_kvm();
+    let dir = cove_tests::scratch_dir("serial");
+    let console = dir.join("console.log");
+    let guest = test_guest().to_str().expect("UTF-8 path").to_string();
+    let serial = format!("file={}", console.display());
+    let to_file = run_vmm(&["--kernel", &guest, "--serial", &serial], TIMEOUT);
+    assert_eq!(
+        to_file.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        to_file.stderr
+    );
+    assert_eq!(to_file.stdout, "");
+    let written = std::fs::read_to_string(&console).expect("read the console file");
+    assert!(written.contains("cove-test-guest: done"), "{written}");
+
+    let silent = run_vmm(&["--kernel", &guest, "--serial", "off"], TIMEOUT);
+    assert_eq!(silent.status.code(), Some(0), "stderr:\n{}", silent.stderr);
+    assert_eq!(silent.stdout, "");
+    assert!(silent.stderr.contains("guest boot time: "));
+    std::fs::remove_dir_all(dir).expect("clean up");
+}
+
+#[test]
+fn a_json_config_file_gives_the_same_vm() {
+    require_kvm();
+    let dir = cove_tests::scratch_dir("config");
+    let config = dir.join("vm.json");
+    let guest = test_guest().to_str().expect("UTF-8 path").to_string();
+    let json = serde_json::json!({
+        "kernel": { "path": guest, "cmdline": "exit=reset from=json" },
+        "cpus": { "boot": 2 },
+        "memory": { "size": "96M" },
+    });
+    std::fs::write(&config, json.to_string()).expect("write the config");
+    let finished = run_vmm(&["--config", config.to_str().expect("UTF-8")], TIMEOUT);
+    assert_booted(&finished, 2, "exit=reset from=json");
+    assert_eq!(
+        memory_map(&finished)[1],
+        (0x10_0000, (96 << 20) - 0x10_0000, 1)
+    );
+    std::fs::remove_dir_all(dir).expect("clean up");
+}
