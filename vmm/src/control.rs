@@ -66,6 +66,7 @@ pub enum ControlError {
 struct Shared {
     state: RunState,
     paused_vcpus: u32,
+    finished_vcpus: u32,
     exit: Option<ExitReason>,
 }
 
@@ -83,6 +84,7 @@ impl VmControl {
             shared: Mutex::new(Shared {
                 state: RunState::Running,
                 paused_vcpus: 0,
+                finished_vcpus: 0,
                 exit: None,
             }),
             changed: Condvar::new(),
@@ -164,6 +166,23 @@ impl VmControl {
             RunState::Running => Err(ControlError::NotPaused),
             RunState::Stopping => Err(ControlError::Stopping),
         }
+    }
+
+    /// Called by a vCPU thread as it ends.
+    pub fn vcpu_finished(&self) {
+        let mut shared = self.lock();
+        shared.finished_vcpus += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until every vCPU thread has ended; returns false if some had not by `timeout`.
+    pub fn wait_until_vcpus_finished(&self, timeout: Duration) -> bool {
+        let shared = self.lock();
+        let (_shared, result) = self
+            .changed
+            .wait_timeout_while(shared, timeout, |shared| shared.finished_vcpus < self.vcpus)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        !result.timed_out()
     }
 
     /// Called by a vCPU thread between runs: parks it while the VM is paused. Returns false when

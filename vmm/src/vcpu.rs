@@ -75,6 +75,7 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+        self.control.vcpu_finished();
     }
 
     /// One KVM_RUN and the handling of its exit; returns a reason when the VM must end.

@@ -367,6 +367,7 @@ impl Vm {
         }
         stop_vcpus(&self.control, threads);
         drop(terminal);
+        crate::teardown::hand_over();
         Ok(self
             .control
             .exit_reason()
@@ -415,10 +416,7 @@ fn stop_vcpus(control: &VmControl, threads: Vec<JoinHandle<()>>) {
     for thread in &threads {
         kick(thread.as_pthread_t());
     }
-    let deadline = Instant::now() + VCPU_JOIN_TIMEOUT;
-    while threads.iter().any(|thread| !thread.is_finished()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    control.wait_until_vcpus_finished(VCPU_JOIN_TIMEOUT);
     for thread in threads.into_iter().filter(JoinHandle::is_finished) {
         let _ = thread.join();
     }

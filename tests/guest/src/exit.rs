@@ -41,10 +41,21 @@ pub fn perform(action: ExitAction, tick_loops: Option<u64>) -> ! {
     }
 }
 
-/// Asks the i8042 to pulse the reset line, which the VMM treats as a clean exit.
+/// Pause-loop iterations [`reset`] gives the i8042 write before it falls back to a triple
+/// fault: plenty for a VMM that handles the write asynchronously, and short enough not to
+/// matter where the hypervisor emulates the guest.
+const RESET_GRACE_PAUSES: u32 = 5_000;
+
+/// Asks the i8042 to pulse the reset line, which the VMM treats as a clean exit. A machine
+/// without an i8042 (QEMU's microvm) ignores the write, so if the guest is still running a
+/// moment later it resets by triple fault instead. cove-vmm stops the vCPU on the write
+/// itself, so there the fallback never runs.
 pub fn reset() -> ! {
     cpu::write_port(I8042_COMMAND, I8042_PULSE_RESET);
-    cpu::halt_forever()
+    for _ in 0..RESET_GRACE_PAUSES {
+        core::hint::spin_loop();
+    }
+    triple_fault()
 }
 
 /// Takes an exception with an empty IDT: the invalid-opcode fault cannot be delivered, nor
