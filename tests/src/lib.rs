@@ -88,6 +88,13 @@ pub fn test_guest() -> &'static Path {
     GUEST.get_or_init(|| built_by("tests/guest/build", &[]))
 }
 
+/// The same test guest built for Linux's 64-bit boot protocol (no PVH note, a 64-bit ELF
+/// entry that reads the zero page), built once per test process.
+pub fn test_guest_linux64() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| built_by("tests/guest/build", &["--linux64"]))
+}
+
 /// A unique scratch directory for one test.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cove-test-{}-{name}", std::process::id()));

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cove_tests::{require_kvm, run_vmm, test_guest, Finished, Vmm};
+use cove_tests::{require_kvm, run_vmm, test_guest, test_guest_linux64, Finished, Vmm};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -292,6 +292,99 @@ fn a_json_config_file_gives_the_same_vm() {
     assert_eq!(
         memory_map(&finished)[1],
         (0x10_0000, (96 << 20) - 0x10_0000, 1)
+    );
+    std::fs::remove_dir_all(dir).expect("clean up");
+}
+
+/// Boots the test guest built for Linux's 64-bit boot protocol: its ELF has no PVH note, so
+/// cove-vmm enters it in long mode with `rsi` at the zero page. That build reads only the zero
+/// page (its setup header must say "HdrS"), so a guest entered through PVH would panic rather
+/// than pass these tests.
+fn boot_linux64(cpus: u32, memory: &str, cmdline: &str) -> Finished {
+    require_kvm();
+    let guest = test_guest_linux64()
+        .to_str()
+        .expect("UTF-8 path")
+        .to_string();
+    let cpus = format!("boot={cpus}");
+    let memory = format!("size={memory}");
+    run_vmm(
+        &[
+            "--kernel",
+            &guest,
+            "--cpus",
+            &cpus,
+            "--memory",
+            &memory,
+            "--cmdline",
+            cmdline,
+        ],
+        TIMEOUT,
+    )
+}
+
+#[test]
+fn linux64_two_vcpus_read_the_zero_page() {
+    let finished = boot_linux64(2, "128M", "exit=reset from=zero-page");
+    assert_booted(&finished, 2, "exit=reset from=zero-page");
+    assert_eq!(
+        memory_map(&finished),
+        vec![(0, 0x9fc00, 1), (0x10_0000, (128 << 20) - 0x10_0000, 1)]
+    );
+    assert_eq!(finished.value("modules: "), "0");
+}
+
+#[test]
+fn linux64_four_vcpus_and_4_gib_with_the_mmio_hole() {
+    let finished = boot_linux64(4, "4G", "exit=reset");
+    assert_booted(&finished, 4, "exit=reset");
+    // The loader's page tables map only the first GiB: the guest got this far, and wrote the
+    // boot timer at 3 GiB, on its own.
+    assert_eq!(
+        memory_map(&finished),
+        vec![
+            (0, 0x9fc00, 1),
+            (0x10_0000, 0xc000_0000 - 0x10_0000, 1),
+            (0x1_0000_0000, 0x4000_0000, 1)
+        ]
+    );
+    let total = 0x9fc00u64 + (0xc000_0000 - 0x10_0000) + 0x4000_0000;
+    assert_eq!(finished.value("memory-ram: "), total.to_string());
+}
+
+#[test]
+fn linux64_an_initramfs_is_handed_over_in_the_zero_page() {
+    require_kvm();
+    let dir = cove_tests::scratch_dir("linux64-initramfs");
+    let initramfs = dir.join("initramfs.bin");
+    std::fs::write(&initramfs, vec![0x5a; 12345]).expect("write the initramfs");
+    let guest = test_guest_linux64()
+        .to_str()
+        .expect("UTF-8 path")
+        .to_string();
+    let finished = run_vmm(
+        &[
+            "--kernel",
+            &guest,
+            "--initramfs",
+            initramfs.to_str().expect("UTF-8"),
+            "--memory",
+            "64M",
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(
+        finished.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        finished.stderr
+    );
+    assert_eq!(finished.value("modules: "), "1");
+    // ramdisk_image and ramdisk_size: page-aligned at the top of RAM, 12345 bytes.
+    let start = ((64u64 << 20) - 12345) & !0xfff;
+    assert_eq!(
+        finished.value("module: "),
+        format!("start={start:#x} size=0x3039")
     );
     std::fs::remove_dir_all(dir).expect("clean up");
 }

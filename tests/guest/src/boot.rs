@@ -1,11 +1,17 @@
-//! From the PVH entry to Rust: the ELF note that names the entry point, the 32-bit entry
-//! itself, identity page tables, the GDT, the switch to long mode and the boot stacks.
+//! From the boot protocol's entry to Rust: the two entry points, the ELF note that names the
+//! PVH one, identity page tables, the GDT, the switch to long mode and the boot stacks.
 //!
 //! The PVH boot protocol enters at a 32-bit physical address with paging off, flat segments,
-//! interrupts off and `ebx` pointing at `struct hvm_start_info`. This file gets the bootstrap
-//! processor from there to `guest_main` in 64-bit mode. Application processors arrive from
-//! the real-mode trampoline (see `trampoline.rs`) at `enter_long_mode32` and share the page
-//! tables, GDT and long-mode switch with the bootstrap processor; they leave here for
+//! interrupts off and `ebx` pointing at `struct hvm_start_info`. Linux's 64-bit boot protocol
+//! enters at the ELF entry point in long mode, on the loader's GDT and identity page tables
+//! (which may map as little as the first GiB), with interrupts off and `rsi` pointing at the
+//! zero page. Both entries are in every image; the build decides which one a loader uses: the
+//! default build carries the PVH note, the `linux64` build leaves it out and makes
+//! `linux64_start64` the ELF entry point (see `linker-pvh.ld` and `linker-linux64.ld`). Either entry gets the bootstrap
+//! processor onto this file's page tables and GDT and on to `guest_main` in 64-bit mode, with
+//! the address of its boot structure. Application processors arrive from the real-mode
+//! trampoline (see `trampoline.rs`) at `enter_long_mode32` and share the page tables, GDT and
+//! long-mode switch with the bootstrap processor; they leave here for
 //! `smp::application_processor_main`. Nothing in this file knows about the devices.
 
 use crate::smp;
@@ -37,8 +43,14 @@ const LARGE_PAGE: u32 = 0x80;
 /// APIC and the IOAPIC, which must not be cached whatever the MTRRs say.
 const UNCACHED: u32 = 0x18;
 
+/// CR0 in 64-bit mode: PG, WP, NE, ET, MP, PE, with CD and NW clear: INIT leaves those two set
+/// on the application processors, and a loader may leave them set on the bootstrap processor.
+const CR0_LONG_MODE: u32 = 0x8001_0033;
+
+// PVH entry note: name "Xen", type XEN_ELFNOTE_PHYS32_ENTRY (18), 32-bit entry address. A
+// loader that finds it enters at `pvh_start32`; the `linux64` build leaves it out.
+#[cfg(not(feature = "linux64"))]
 core::arch::global_asm!(
-    // PVH entry note: name "Xen", type XEN_ELFNOTE_PHYS32_ENTRY (18), 32-bit entry address.
     ".pushsection .note.Xen, \"a\", @note",
     ".balign 4",
     ".long 4",
@@ -49,7 +61,9 @@ core::arch::global_asm!(
     ".long pvh_start32",
     ".balign 4",
     ".popsection",
-    //
+);
+
+core::arch::global_asm!(
     // Flat GDT. Accessed bits are preset so the processor never writes to it.
     ".pushsection .data.boot_gdt, \"aw\", @progbits",
     ".balign 16",
@@ -169,8 +183,7 @@ core::arch::global_asm!(
     "    rdmsr",
     "    orl $0x100, %eax", // EFER.LME
     "    wrmsr",
-    // PG, WP, NE, ET, MP, PE; also clears CD and NW, which INIT leaves set on the APs.
-    "    movl $0x80010033, %eax",
+    "    movl ${cr0_long_mode}, %eax",
     "    movl %eax, %cr0",
     "    ljmp ${code64_selector}, $long_mode_entry64",
     //
@@ -186,7 +199,32 @@ core::arch::global_asm!(
     "    hlt",
     "    jmp 3b",
     //
+    // 64-bit entry of Linux's boot protocol. It is in long mode already, so the processor has
+    // the extended CPUID leaf; it picks the page tables as the PVH entry does, moves to them
+    // and to the boot GDT (a far return reloads CS: 64-bit mode has no direct far jump), and
+    // joins the PVH path. The loader's stack takes the two pushes; rsi keeps the zero page's
+    // address until Rust receives it.
     ".code64",
+    ".global linux64_start64",
+    "linux64_start64:",
+    "    cli",
+    "    cld",
+    "    movl $0x80000001, %eax",
+    "    cpuid",
+    "    btl $26, %edx",
+    "    jnc 1f",
+    "    movl $(boot_pdpt_1gib + {present_writable}), boot_pml4(%rip)",
+    "1:  movl ${cr0_long_mode}, %eax",
+    "    movq %rax, %cr0",
+    "    leaq boot_pml4(%rip), %rax",
+    "    movq %rax, %cr3",
+    "    lgdt boot_gdt_pointer(%rip)",
+    "    xorl %ebp, %ebp", // ebp = 0: this is the bootstrap processor
+    "    pushq ${code64_selector}",
+    "    leaq long_mode_entry64(%rip), %rax",
+    "    pushq %rax",
+    "    lretq",
+    //
     "long_mode_entry64:",
     "    movw ${data_selector}, %ax",
     "    movw %ax, %ds",
@@ -198,8 +236,9 @@ core::arch::global_asm!(
     "    jnz .Lapplication_processor",
     //
     // Bootstrap processor: stack, clear .bss (esi survives `rep stosq`), then Rust with the
-    // start_info address. The upper halves of the registers are undefined after the mode
-    // switch, hence the 32-bit move, which zero-extends.
+    // address of the start_info or zero page. The upper halves of the registers are undefined
+    // after the PVH entry's mode switch, hence the 32-bit move, which zero-extends; both
+    // structures must lie in the first 4 GiB anyway.
     "    leaq bootstrap_stack_top(%rip), %rsp",
     "    leaq guest_bss_start(%rip), %rdi",
     "    leaq guest_bss_end(%rip), %rcx",
@@ -229,6 +268,7 @@ core::arch::global_asm!(
     "    jmp .Lhalt_forever",
     ".popsection",
     gdt_limit = const GDT_LIMIT,
+    cr0_long_mode = const CR0_LONG_MODE,
     code32_selector = const CODE32_SELECTOR,
     code64_selector = const CODE64_SELECTOR,
     data_selector = const DATA_SELECTOR,

@@ -1,6 +1,11 @@
-//! cove's bare-metal test guest: a PVH kernel that reports on COM1 what the VMM gave it
-//! (command line, memory map, modules, processors), starts every processor, records the boot
-//! time, and then ends the way the command line asks.
+//! cove's bare-metal test guest: a kernel that reports on COM1 what the VMM gave it (command
+//! line, memory map, modules, processors), starts every processor, records the boot time, and
+//! then ends the way the command line asks.
+//!
+//! It is built for one of two boot protocols: PVH by default, or Linux's 64-bit boot protocol
+//! with the `linux64` feature (`build --linux64`), which leaves out the PVH note and enters
+//! at a 64-bit entry point with the zero page instead of `hvm_start_info`. Only the entry
+//! (`boot.rs`) and the reader of the boot information differ; the output is the same.
 //!
 //! The output is a contract with the VMM's integration tests, which parse it line by line:
 //!
@@ -29,6 +34,7 @@
 #![no_main]
 
 mod boot;
+mod boot_information;
 mod command_line;
 mod cpu;
 mod exit;
@@ -36,25 +42,30 @@ mod memory_builtins;
 mod mptable;
 mod serial;
 mod smp;
+#[cfg(not(feature = "linux64"))]
 mod start_info;
 mod trampoline;
+#[cfg(feature = "linux64")]
+mod zero_page;
 
+use boot_information::{BootInformation, MEMORY_TYPE_RAM};
 use command_line::Options;
 use serial::{println, Console};
-use start_info::{StartInfo, MEMORY_TYPE_RAM};
 
 /// A one-byte write of [`BOOT_TIME_MARKER`] here makes cove's boot-timer device record the
 /// time the guest took to boot.
 const BOOT_TIMER_ADDRESS: usize = 0xc000_0000;
 const BOOT_TIME_MARKER: u8 = 123;
 
-/// The bootstrap processor's entry from `boot.rs`, in 64-bit mode on the boot stack.
-extern "C" fn guest_main(start_info_address: u64) -> ! {
+/// The bootstrap processor's entry from `boot.rs`, in 64-bit mode on the boot stack, with the
+/// address of the boot protocol's structure (`hvm_start_info` or the zero page).
+extern "C" fn guest_main(boot_information_address: u64) -> ! {
     Console::lock().text("cove-test-guest: hello").end_line();
-    let start_info = StartInfo::read(start_info_address).unwrap_or_else(|error| {
-        panic!("cannot read start_info at {start_info_address:#x}: {error}")
-    });
-    let command_line = start_info.command_line().unwrap_or_else(|error| {
+    let boot_information =
+        BootInformation::read(boot_information_address).unwrap_or_else(|error| {
+            panic!("cannot read the boot information at {boot_information_address:#x}: {error}")
+        });
+    let command_line = boot_information.command_line().unwrap_or_else(|error| {
         println!("error: {error}");
         &[]
     });
@@ -64,8 +75,8 @@ extern "C" fn guest_main(start_info_address: u64) -> ! {
         .end_line();
     let options = Options::parse(command_line);
 
-    report_memory_map(&start_info);
-    report_modules(&start_info);
+    report_memory_map(&boot_information);
+    report_modules(&boot_information);
     start_processors();
 
     // SAFETY: the boot-timer device is a VMM MMIO register at this address, inside the
@@ -77,12 +88,9 @@ extern "C" fn guest_main(start_info_address: u64) -> ! {
     exit::perform(options.exit_action, options.tick_loops)
 }
 
-fn report_memory_map(start_info: &StartInfo) {
-    if start_info.version() < 1 {
-        println!("error: start_info version 0 has no memory map");
-    }
+fn report_memory_map(boot_information: &BootInformation) {
     let mut ram_bytes: u64 = 0;
-    match start_info.memory_map() {
+    match boot_information.memory_map() {
         Ok(entries) => {
             for entry in entries {
                 Console::lock()
@@ -106,9 +114,9 @@ fn report_memory_map(start_info: &StartInfo) {
         .end_line();
 }
 
-fn report_modules(start_info: &StartInfo) {
+fn report_modules(boot_information: &BootInformation) {
     let mut count = 0;
-    match start_info.modules() {
+    match boot_information.modules() {
         Ok(modules) => {
             for module in modules {
                 Console::lock()

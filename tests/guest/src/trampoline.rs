@@ -72,7 +72,8 @@ pub fn install() {
     let length = end as usize - start as usize;
     assert!(length <= 4096, "the trampoline does not fit in one page");
     // SAFETY: the page at TRAMPOLINE_ADDRESS is identity-mapped RAM that the VMM reserves for
-    // this trampoline (it holds none of start_info, the command line or the image), and the
+    // this trampoline (it holds none of the start_info or zero page, the command line or the
+    // image; the 64-bit entry's loader stack below 0x8ff0 was left before Rust ran), and the
     // source lies in the image at 1 MiB, so the ranges do not overlap.
     unsafe {
         core::ptr::copy_nonoverlapping(start, TRAMPOLINE_ADDRESS as *mut u8, length);

@@ -233,10 +233,12 @@ pub fn setup_boot_vcpu(
     match protocol {
         BootProtocol::Linux64 => {
             write_identity_page_tables(memory)?;
+            // Assigned, not OR'ed into KVM's reset values, whose CR0 has caching disabled
+            // (CD and NW set).
             sregs.cr3 = PML4_START;
-            sregs.cr4 |= CR4_PAE;
-            sregs.cr0 |= CR0_PE | CR0_PG;
-            sregs.efer |= EFER_LME | EFER_LMA;
+            sregs.cr4 = CR4_PAE;
+            sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
+            sregs.efer = EFER_LME | EFER_LMA;
             regs.rsp = BOOT_STACK_POINTER;
             regs.rbp = BOOT_STACK_POINTER;
             regs.rsi = ZERO_PAGE_START;
