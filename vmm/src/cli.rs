@@ -40,10 +40,13 @@ FLAGS:
                             GET /api/v1/vmm.ping       GET /api/v1/vm.info
                             PUT /api/v1/vm.pause       PUT /api/v1/vm.resume
                             PUT /api/v1/vm.shutdown
+    --seccomp on|log|off  per-thread system call filters (default on): a call outside a
+                          thread's list ends cove-vmm with status 3; log only records it
     --config FILE         read the settings from a JSON file, shaped as GET /api/v1/vm.info's
                           \"config\": {\"kernel\": {\"path\", \"initramfs\", \"cmdline\"},
                           \"cpus\": {\"boot\", \"profile\", \"features\"}, \"memory\": {\"size\"},
-                          \"serial\": \"tty\"|\"off\"|{\"file\": PATH}, \"api_socket\"}
+                          \"serial\": \"tty\"|\"off\"|{\"file\": PATH}, \"api_socket\",
+                          \"seccomp\"}
     -h, --help            print this help
     -V, --version         print the version
 
@@ -56,6 +59,7 @@ EXIT STATUS:
     0  the guest reset or powered off, or the VM was stopped by the API, SIGTERM or SIGINT
     1  the configuration or the host was not usable; nothing was started
     2  the guest failed: a KVM internal error, a triple fault, or a vCPU that could not run
+    3  cove-vmm made a system call its seccomp filter does not allow (a bug in cove-vmm)
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,7 @@ struct Overrides {
     memory: Option<String>,
     serial: Option<String>,
     api_socket: Option<PathBuf>,
+    seccomp: Option<String>,
     config: Option<PathBuf>,
 }
 
@@ -135,6 +140,7 @@ pub fn parse<I: IntoIterator<Item = String>>(arguments: I) -> Result<Command, Cl
             "--memory" => overrides.memory = Some(value()?),
             "--serial" => overrides.serial = Some(value()?),
             "--api-socket" => overrides.api_socket = Some(value()?.into()),
+            "--seccomp" => overrides.seccomp = Some(value()?),
             "--config" => overrides.config = Some(value()?.into()),
             _ => return Err(CliError::UnknownArgument(argument)),
         }
@@ -166,6 +172,7 @@ fn build(overrides: Overrides) -> Result<VmConfig, CliError> {
             memory: MemoryConfig::default(),
             serial: SerialConfig::default(),
             api_socket: None,
+            seccomp: Default::default(),
         },
     };
     if let Some(path) = overrides.kernel {
@@ -193,6 +200,11 @@ fn build(overrides: Overrides) -> Result<VmConfig, CliError> {
     }
     if let Some(socket) = overrides.api_socket {
         config.api_socket = Some(socket);
+    }
+    if let Some(mode) = overrides.seccomp {
+        config.seccomp = mode
+            .parse()
+            .map_err(|reason| invalid("--seccomp", &mode, reason))?;
     }
     Ok(config)
 }

@@ -55,6 +55,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_socket: Option<PathBuf>,
+    #[serde(default)]
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// What to boot.

@@ -27,15 +27,15 @@ pub enum ExitReason {
     ApiShutdown,
     /// SIGTERM or SIGINT.
     Signal(i32),
-    /// The guest or the hypervisor failed; the message says how.
-    GuestFailure(String),
+    /// The guest, KVM or cove-vmm failed; the message says how.
+    Failure(String),
 }
 
 impl ExitReason {
     /// The process exit status for this reason (see `cove-vmm --help`).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::GuestFailure(_) => 2,
+            Self::Failure(_) => 2,
             _ => 0,
         }
     }
@@ -46,7 +46,7 @@ impl ExitReason {
             Self::GuestPowerOff => "the guest powered off".into(),
             Self::ApiShutdown => "shut down through the API".into(),
             Self::Signal(signal) => format!("stopped by signal {signal}"),
-            Self::GuestFailure(message) => message.clone(),
+            Self::Failure(message) => message.clone(),
         }
     }
 }
@@ -230,7 +230,7 @@ mod tests {
     fn the_first_exit_reason_wins_and_wakes_the_event_loop() {
         let control = VmControl::new(1).unwrap();
         control.request_exit(ExitReason::GuestReset);
-        control.request_exit(ExitReason::GuestFailure("later".into()));
+        control.request_exit(ExitReason::Failure("later".into()));
         assert_eq!(control.exit_reason(), Some(ExitReason::GuestReset));
         assert_eq!(control.exit_event().read().unwrap(), 2);
         assert!(!control.vcpu_may_run());

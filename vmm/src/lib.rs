@@ -14,6 +14,7 @@ pub mod control;
 pub mod cpuid;
 pub mod http;
 pub mod loader;
+pub mod seccomp;
 pub mod teardown;
 pub mod terminal;
 pub mod vcpu;

@@ -51,6 +51,7 @@ pub struct Vcpu {
     pub mmio_bus: Arc<Bus>,
     pub memory: GuestMemoryMmap,
     pub control: Arc<VmControl>,
+    pub seccomp: Option<seccompiler::BpfProgram>,
 }
 
 /// KVM's internal-error suberrors (include/uapi/linux/kvm.h).
@@ -68,6 +69,10 @@ impl Vcpu {
     /// Runs the vCPU until the VM stops.
     pub fn run(mut self) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if let Err(error) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, &self.seccomp) {
+            self.control
+                .request_exit(ExitReason::Failure(crate::describe_error(&error)));
+        }
         while self.control.vcpu_may_run() {
             if let Some(reason) = self.run_once() {
                 self.control.request_exit(reason);
@@ -99,36 +104,36 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Hlt) => Some(ExitReason::GuestPowerOff),
-            Ok(VcpuExit::Shutdown) => Some(ExitReason::GuestFailure(format!(
+            Ok(VcpuExit::Shutdown) => Some(ExitReason::Failure(format!(
                 "the guest triple-faulted on vCPU {index} {}",
                 self.where_it_stopped()
             ))),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::GuestPowerOff),
                 KVM_SYSTEM_EVENT_RESET => Some(ExitReason::GuestReset),
-                KVM_SYSTEM_EVENT_CRASH => Some(ExitReason::GuestFailure(format!(
+                KVM_SYSTEM_EVENT_CRASH => Some(ExitReason::Failure(format!(
                     "the guest reported a crash on vCPU {index}"
                 ))),
-                other => Some(ExitReason::GuestFailure(format!(
+                other => Some(ExitReason::Failure(format!(
                     "unexpected system event {other} on vCPU {index}"
                 ))),
             },
             Ok(VcpuExit::InternalError) => Some(self.internal_error()),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::GuestFailure(format!(
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::Failure(format!(
                 "KVM could not enter vCPU {index} (hardware entry failure reason {reason:#x} on \
                  host CPU {cpu})"
             ))),
-            Ok(VcpuExit::MemoryFault { gpa, size, .. }) => Some(ExitReason::GuestFailure(format!(
+            Ok(VcpuExit::MemoryFault { gpa, size, .. }) => Some(ExitReason::Failure(format!(
                 "vCPU {index} touched guest memory KVM could not map: {size} bytes at {gpa:#x}"
             ))),
-            Ok(other) => Some(ExitReason::GuestFailure(format!(
+            Ok(other) => Some(ExitReason::Failure(format!(
                 "unexpected exit on vCPU {index}: {other:?}"
             ))),
             Err(error) if matches!(error.errno(), libc::EINTR | libc::EAGAIN) => {
                 self.fd.set_kvm_immediate_exit(0);
                 None
             }
-            Err(error) => Some(ExitReason::GuestFailure(format!(
+            Err(error) => Some(ExitReason::Failure(format!(
                 "vCPU {index} failed to run: {error}"
             ))),
         }
@@ -144,7 +149,7 @@ impl Vcpu {
             .iter()
             .map(|word| format!("{word:#x}"))
             .collect();
-        ExitReason::GuestFailure(format!(
+        ExitReason::Failure(format!(
             "KVM internal error on vCPU {}: {} (suberror {}) {}; data [{}]{}",
             self.index,
             describe_suberror(internal.suberror),

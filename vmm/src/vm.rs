@@ -31,6 +31,7 @@ use crate::config::{CpuProfile, SerialConfig, VmConfig};
 use crate::control::{ControlError, ExitReason, VmControl};
 use crate::cpuid::{self, HostKind};
 use crate::loader::{self, KernelImage, LoaderError};
+use crate::seccomp::{self, ThreadKind};
 use crate::terminal::{self, RawTerminal};
 use crate::vcpu::{self, Vcpu};
 use crate::x86_64::boot::{self, BootError};
@@ -94,6 +95,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("cannot create {what}: {source}")]
     Host {
         what: &'static str,
@@ -131,6 +134,7 @@ pub struct Vm {
     control: Arc<VmControl>,
     serial: Option<Arc<Mutex<SerialPort>>>,
     api: Option<ApiServer>,
+    event_loop_filter: Option<seccompiler::BpfProgram>,
 }
 
 /// The i8042's reset line: records the exit on the vCPU thread that pulled it.
@@ -274,6 +278,8 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_error("report its supported CPUID"))?;
+        let vcpu_filter = seccomp::filter(ThreadKind::Vcpu, config.seccomp)?;
+        let event_loop_filter = seccomp::filter(ThreadKind::EventLoop, config.seccomp)?;
         let mut vcpus = Vec::new();
         for index in 0..config.cpus.boot {
             let fd = vm_fd
@@ -296,6 +302,7 @@ impl Vm {
                 mmio_bus: mmio_bus.clone(),
                 memory: memory.clone(),
                 control: control.clone(),
+                seccomp: vcpu_filter.clone(),
             });
         }
 
@@ -316,6 +323,7 @@ impl Vm {
             control,
             serial,
             api,
+            event_loop_filter,
         })
     }
 
@@ -326,6 +334,7 @@ impl Vm {
         vcpu::install_kick_handler().map_err(|error| {
             host_error("the vCPU kick handler")(std::io::Error::from_raw_os_error(error.errno()))
         })?;
+        seccomp::install_report_handler()?;
         let mut threads = Vec::new();
         for vcpu in self.vcpus {
             let thread = std::thread::Builder::new()
@@ -358,9 +367,13 @@ impl Vm {
                 host_error("the event loop")(std::io::Error::other(format!("{error:?}")))
             })?;
         events.add_subscriber(Arc::new(Mutex::new(controller)));
+        if let Err(error) = seccomp::apply(ThreadKind::EventLoop, &self.event_loop_filter) {
+            self.control
+                .request_exit(ExitReason::Failure(crate::describe_error(&error)));
+        }
         while self.control.exit_reason().is_none() {
             if let Err(error) = events.run() {
-                self.control.request_exit(ExitReason::GuestFailure(format!(
+                self.control.request_exit(ExitReason::Failure(format!(
                     "the event loop failed: {error:?}"
                 )));
             }
