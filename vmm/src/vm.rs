@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cove_devices::legacy::{BootTime, BootTimer, EventFdTrigger, ResetController, SerialPort};
+use cove_devices::legacy::{
+    AcpiPowerControl, BootTime, BootTimer, EventFdTrigger, ResetController, SerialPort,
+};
 use cove_devices::{Bus, BusDevice, BusError};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
@@ -34,9 +36,10 @@ use crate::loader::{self, KernelImage, LoaderError};
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal::{self, RawTerminal};
 use crate::vcpu::{self, Vcpu};
+use crate::x86_64::acpi::{self, AcpiError, ACPI_POWER_PORT};
 use crate::x86_64::boot::{self, BootError};
 use crate::x86_64::layout::{
-    self, BOOT_TIMER_SIZE, BOOT_TIMER_START, KVM_TSS_START, MPTABLE_START,
+    self, ACPI_START, BOOT_TIMER_SIZE, BOOT_TIMER_START, KVM_TSS_START, MPTABLE_START,
 };
 use crate::x86_64::mptable::{self, MptableError};
 use crate::x86_64::registers::{self, BootProtocol, RegistersError};
@@ -87,6 +90,10 @@ pub enum VmError {
     Mptable(#[from] MptableError),
     #[error("cannot write the MP table into guest memory")]
     WriteMptable(#[source] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error("cannot write the ACPI tables into guest memory")]
+    WriteAcpi(#[source] vm_memory::GuestMemoryError),
     #[error("cannot place a device")]
     Bus(#[from] BusError),
     #[error("cannot open the serial output file {path}: {source}")]
@@ -137,14 +144,18 @@ pub struct Vm {
     event_loop_filter: Option<seccompiler::BpfProgram>,
 }
 
-/// The i8042's reset line: records the exit on the vCPU thread that pulled it.
-struct ResetTrigger(Arc<VmControl>);
+/// A device line that ends the VM (the i8042's reset, ACPI soft-off): records the exit on the
+/// vCPU thread that pulled it, before that vCPU runs another guest instruction.
+struct ExitTrigger {
+    control: Arc<VmControl>,
+    reason: ExitReason,
+}
 
-impl vm_superio::Trigger for ResetTrigger {
+impl vm_superio::Trigger for ExitTrigger {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
-        self.0.request_exit(ExitReason::GuestReset);
+        self.control.request_exit(self.reason.clone());
         Ok(())
     }
 }
@@ -221,6 +232,14 @@ impl Vm {
             None => None,
         };
         boot::write_cmdline(&memory, &config.kernel.cmdline)?;
+        let table = mptable::build(config.cpus.boot)?;
+        memory
+            .write_slice(&table, GuestAddress(MPTABLE_START))
+            .map_err(VmError::WriteMptable)?;
+        let acpi = acpi::build(config.cpus.boot)?;
+        memory
+            .write_slice(&acpi.bytes, GuestAddress(ACPI_START))
+            .map_err(VmError::WriteAcpi)?;
         match kernel.protocol {
             BootProtocol::Linux64 => boot::write_zero_page(
                 &memory,
@@ -228,13 +247,12 @@ impl Vm {
                 kernel.setup_header,
                 config.kernel.cmdline.len(),
                 initramfs,
+                ACPI_START,
             )?,
-            BootProtocol::Pvh => boot::write_pvh_start_info(&memory, memory_size, initramfs)?,
+            BootProtocol::Pvh => {
+                boot::write_pvh_start_info(&memory, memory_size, initramfs, ACPI_START)?
+            }
         }
-        let table = mptable::build(config.cpus.boot)?;
-        memory
-            .write_slice(&table, GuestAddress(MPTABLE_START))
-            .map_err(VmError::WriteMptable)?;
 
         // Devices.
         let boot_time = Arc::new(BootTime::default());
@@ -258,11 +276,21 @@ impl Vm {
             }
             None => None,
         };
-        let reset = ResetTrigger(control.clone());
+        let exit_trigger = |reason| ExitTrigger {
+            control: control.clone(),
+            reason,
+        };
         io_bus.insert(
             I8042_PORT,
             I8042_PORT_SIZE,
-            shared(ResetController::new(reset)),
+            shared(ResetController::new(exit_trigger(ExitReason::GuestReset))),
+        )?;
+        io_bus.insert(
+            u64::from(ACPI_POWER_PORT),
+            1,
+            shared(AcpiPowerControl::new(exit_trigger(
+                ExitReason::GuestPowerOff,
+            ))),
         )?;
         mmio_bus.insert(
             BOOT_TIMER_START,

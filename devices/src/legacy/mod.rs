@@ -1,10 +1,13 @@
 //! The legacy PC devices a microVM still needs: the 16550 serial port, the i8042 controller
-//! (only for its reset line), and cove's boot timer.
+//! (only for its reset line), the ACPI sleep control register (only for soft-off), and cove's
+//! boot timer.
 
+mod acpi_power;
 mod boot_timer;
 mod i8042;
 mod serial;
 
+pub use acpi_power::{AcpiPowerControl, SOFT_OFF_SLEEP_TYPE};
 pub use boot_timer::{BootTime, BootTimer, BOOT_TIMER_MAGIC};
 pub use i8042::ResetController;
 pub use serial::SerialPort;

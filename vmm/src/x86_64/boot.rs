@@ -55,8 +55,12 @@ pub fn write_zero_page(
     header: Option<setup_header>,
     cmdline_length: usize,
     initramfs: Option<Initramfs>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        acpi_rsdp_addr: rsdp,
+        ..Default::default()
+    };
     if let Some(header) = header {
         params.hdr = header;
     }
@@ -87,6 +91,7 @@ pub fn write_pvh_start_info(
     memory: &GuestMemoryMmap,
     memory_size: u64,
     initramfs: Option<Initramfs>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
     let ram = e820_ram(memory_size);
     let memmap_start = PVH_INFO_START + std::mem::size_of::<hvm_start_info>() as u64;
@@ -97,6 +102,7 @@ pub fn write_pvh_start_info(
         magic: XEN_HVM_START_MAGIC,
         version: 1,
         cmdline_paddr: CMDLINE_START,
+        rsdp_paddr: rsdp,
         memmap_paddr: memmap_start,
         memmap_entries: ram.len() as u32,
         ..Default::default()
@@ -148,7 +154,16 @@ mod tests {
             address: 0x300_0000,
             size: 0x1000,
         };
-        write_zero_page(&memory, 4 << 30, None, 12, Some(initramfs)).unwrap();
+        write_zero_page(&memory, 4 << 30, None, 12, Some(initramfs), 0xe0000).unwrap();
+        assert_eq!(
+            {
+                memory
+                    .read_obj::<boot_params>(GuestAddress(ZERO_PAGE_START))
+                    .unwrap()
+                    .acpi_rsdp_addr
+            },
+            0xe0000
+        );
         let params: boot_params = memory.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!(params.e820_entries, 3);
         let high = params.e820_table[2];
@@ -166,7 +181,7 @@ mod tests {
             address: 0x200_0000,
             size: 0x2000,
         };
-        write_pvh_start_info(&memory, 64 << 20, Some(initramfs)).unwrap();
+        write_pvh_start_info(&memory, 64 << 20, Some(initramfs), 0xe0000).unwrap();
         let info: hvm_start_info = memory.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(
             (
@@ -177,6 +192,7 @@ mod tests {
             ),
             (XEN_HVM_START_MAGIC, 1, 2, 1)
         );
+        assert_eq!({ info.rsdp_paddr }, 0xe0000);
         let second: hvm_memmap_table_entry = memory
             .read_obj(GuestAddress(info.memmap_paddr + 24))
             .unwrap();

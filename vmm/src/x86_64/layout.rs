@@ -20,6 +20,9 @@ pub const PDE_START: u64 = 0xb000;
 pub const CMDLINE_START: u64 = 0x20000;
 /// Where conventional memory ends: the EBDA and the BIOS area above it are not RAM.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables, RSDP first, in the BIOS area where Linux scans for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_LIMIT: u64 = 0xf0000;
 /// The MP floating pointer and table, in the BIOS area the MP spec says to search.
 pub const MPTABLE_START: u64 = 0xf0000;
 /// The end of the BIOS area the MP table must fit in.
