@@ -4,6 +4,8 @@
 //!
 //! Tests need a usable /dev/kvm; they fail with a message saying so when there is none.
 
+pub mod container;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
