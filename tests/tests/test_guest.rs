@@ -388,3 +388,61 @@ fn linux64_an_initramfs_is_handed_over_in_the_zero_page() {
     );
     std::fs::remove_dir_all(dir).expect("clean up");
 }
+
+/// Fails with the console when the guest reported a problem.
+fn assert_no_error_lines(finished: &Finished) {
+    assert!(
+        finished.values("error:").is_empty(),
+        "console:\n{}",
+        finished.stdout
+    );
+}
+
+#[test]
+fn acpi_tables_list_every_vcpu_the_ioapic_and_the_sleep_control_port() {
+    let finished = boot(3, "128M", "exit=reset");
+    assert_booted(&finished, 3, "exit=reset");
+    // The RSDP comes from the PVH start info; the MADT agrees with the MP table.
+    assert_eq!(
+        finished.value("acpi: "),
+        "cpus=3 ioapic=3@0xfec00000 sleep-control=0x600"
+    );
+    assert_no_error_lines(&finished);
+}
+
+#[test]
+fn linux64_two_vcpus_read_the_acpi_tables() {
+    let finished = boot_linux64(2, "128M", "exit=reset");
+    assert_booted(&finished, 2, "exit=reset");
+    assert_eq!(
+        finished.value("acpi: "),
+        "cpus=2 ioapic=2@0xfec00000 sleep-control=0x600"
+    );
+    assert_no_error_lines(&finished);
+}
+
+#[test]
+fn the_guest_powers_off_through_acpi_soft_off() {
+    let finished = boot(2, "64M", "exit=poweroff");
+    assert_eq!(
+        finished.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        finished.stderr
+    );
+    assert_eq!(
+        finished.values("cove-test-guest: "),
+        ["hello", "done", "poweroff"],
+        "console:\n{}",
+        finished.stdout
+    );
+    // The guest falls back to a reset, with an error line, if the soft-off write returns.
+    assert_no_error_lines(&finished);
+    assert!(
+        finished
+            .stderr
+            .contains("VM stopped: the guest powered off"),
+        "stderr:\n{}",
+        finished.stderr
+    );
+}

@@ -1,7 +1,7 @@
 //! The command line words the guest understands; everything else on the line is ignored.
 //!
-//! - `exit=reset|triple-fault|halt|cmpxchg16b|tick` picks what happens after the report
-//!   (default `reset`);
+//! - `exit=reset|triple-fault|halt|cmpxchg16b|tick|poweroff` picks what happens after the
+//!   report (default `reset`);
 //! - `tick-loops=<decimal>` spaces `tick` lines by that many busy-loop iterations instead of
 //!   the default of about 100 ms measured with the time stamp counter.
 
@@ -15,6 +15,7 @@ pub enum ExitAction {
     Halt,
     Cmpxchg16b,
     Tick,
+    PowerOff,
 }
 
 /// The options read from the command line.
@@ -67,6 +68,7 @@ fn parse_exit_action(value: &[u8]) -> Option<ExitAction> {
         b"halt" => Some(ExitAction::Halt),
         b"cmpxchg16b" => Some(ExitAction::Cmpxchg16b),
         b"tick" => Some(ExitAction::Tick),
+        b"poweroff" => Some(ExitAction::PowerOff),
         _ => None,
     }
 }

@@ -7,7 +7,8 @@ pub use core::arch::x86_64::CpuidResult;
 /// Writes one byte to an I/O port.
 pub fn write_port(port: u16, value: u8) {
     // SAFETY: the guest owns the whole machine and runs at ring 0; the callers only use the
-    // ports of devices the VMM provides (COM1, the i8042), where a write has no memory effect.
+    // ports of devices the VMM provides (COM1, the i8042, the ACPI sleep control register),
+    // where a write has no memory effect.
     unsafe {
         asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
     }

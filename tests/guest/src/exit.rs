@@ -1,9 +1,10 @@
 //! The ways the guest ends, chosen by `exit=` on the command line; each is a distinct
 //! outcome the VMM's tests look for.
 
+use crate::acpi::Acpi;
 use crate::command_line::ExitAction;
 use crate::cpu;
-use crate::serial::Console;
+use crate::serial::{println, Console};
 use core::arch::asm;
 
 const I8042_COMMAND: u16 = 0x64;
@@ -15,8 +16,9 @@ const I8042_PULSE_RESET: u8 = 0xfe;
 /// under hardware virtualization.
 const DEFAULT_TICK_INTERVAL_TSC: u64 = 250_000_000;
 
-/// Performs `action`; `tick_loops` is only used by [`ExitAction::Tick`].
-pub fn perform(action: ExitAction, tick_loops: Option<u64>) -> ! {
+/// Performs `action`; `tick_loops` is only used by [`ExitAction::Tick`], and `acpi` (the
+/// tables, when they were usable) by [`ExitAction::PowerOff`].
+pub fn perform(action: ExitAction, tick_loops: Option<u64>, acpi: Option<&Acpi>) -> ! {
     match action {
         ExitAction::Reset => {
             Console::lock().text("cove-test-guest: reset").end_line();
@@ -38,7 +40,28 @@ pub fn perform(action: ExitAction, tick_loops: Option<u64>) -> ! {
             reset()
         }
         ExitAction::Tick => tick_forever(tick_loops),
+        ExitAction::PowerOff => {
+            Console::lock().text("cove-test-guest: poweroff").end_line();
+            power_off(acpi)
+        }
     }
+}
+
+/// Powers off through the ACPI sleep control register, which cove-vmm treats as a clean exit.
+/// Where there are no usable tables, or the write leaves the machine running, it says why and
+/// resets instead.
+fn power_off(acpi: Option<&Acpi>) -> ! {
+    match acpi {
+        Some(acpi) => {
+            let error = acpi.power_off();
+            println!("error: acpi: cannot power off, resetting instead: {error}");
+        }
+        // The `acpi:` error line printed at boot said what was wrong with the tables.
+        None => {
+            println!("error: acpi: cannot power off without the ACPI tables, resetting instead")
+        }
+    }
+    reset()
 }
 
 /// Pause-loop iterations [`reset`] gives the i8042 write before it falls back to a triple

@@ -1,6 +1,6 @@
 //! cove's bare-metal test guest: a kernel that reports on COM1 what the VMM gave it (command
-//! line, memory map, modules, processors), starts every processor, records the boot time, and
-//! then ends the way the command line asks.
+//! line, memory map, modules, processors, ACPI tables), starts every processor, records the
+//! boot time, and then ends the way the command line asks.
 //!
 //! It is built for one of two boot protocols: PVH by default, or Linux's 64-bit boot protocol
 //! with the `linux64` feature (`build --linux64`), which leaves out the PVH note and enters
@@ -17,13 +17,15 @@
 //! module: start=0x<hex> size=0x<hex>                    one per module
 //! modules: <count>
 //! mptable: cpus=<processor entries> bsp=<APIC id>
+//! acpi: cpus=<enabled local APICs> ioapic=<id>@0x<hex> sleep-control=0x<port hex>
 //! cpu-online: apic=<APIC id>                            printed by each application processor
 //! cpus-online: <count, bootstrap processor included>
 //! boot-timer: written
 //! cove-test-guest: done
 //! ```
 //!
-//! followed by what `exit=` asks for (see `command_line.rs`). Problems are reported on lines
+//! followed by what `exit=` asks for (see `command_line.rs`): `exit=poweroff` prints
+//! `cove-test-guest: poweroff` and powers off through ACPI. Problems are reported on lines
 //! starting with `error:`, and a panic prints `cove-test-guest: panic: <message>` and resets.
 //!
 //! The crate is built for x86_64-unknown-linux-gnu as a freestanding static ELF with SSE and
@@ -33,6 +35,7 @@
 #![no_std]
 #![no_main]
 
+mod acpi;
 mod boot;
 mod boot_information;
 mod command_line;
@@ -48,8 +51,10 @@ mod trampoline;
 #[cfg(feature = "linux64")]
 mod zero_page;
 
+use acpi::Acpi;
 use boot_information::{BootInformation, MEMORY_TYPE_RAM};
 use command_line::Options;
+use mptable::{MpTable, MpTableError};
 use serial::{println, Console};
 
 /// A one-byte write of [`BOOT_TIME_MARKER`] here makes cove's boot-timer device record the
@@ -77,7 +82,11 @@ extern "C" fn guest_main(boot_information_address: u64) -> ! {
 
     report_memory_map(&boot_information);
     report_modules(&boot_information);
-    start_processors();
+    let mptable = mptable::find();
+    report_mptable(&mptable);
+    let acpi = report_acpi(boot_information.rsdp_address());
+    // Without an MP table, only this processor runs.
+    smp::start_application_processors(mptable.as_ref().map_or(&[], MpTable::processors));
 
     // SAFETY: the boot-timer device is a VMM MMIO register at this address, inside the
     // uncached 3..4 GiB gigabyte of the identity mapping; a volatile byte store is exactly
@@ -85,7 +94,7 @@ extern "C" fn guest_main(boot_information_address: u64) -> ! {
     unsafe { core::ptr::write_volatile(BOOT_TIMER_ADDRESS as *mut u8, BOOT_TIME_MARKER) };
     Console::lock().text("boot-timer: written").end_line();
     Console::lock().text("cove-test-guest: done").end_line();
-    exit::perform(options.exit_action, options.tick_loops)
+    exit::perform(options.exit_action, options.tick_loops, acpi.as_ref())
 }
 
 fn report_memory_map(boot_information: &BootInformation) {
@@ -133,10 +142,11 @@ fn report_modules(boot_information: &BootInformation) {
     Console::lock().text("modules: ").decimal(count).end_line();
 }
 
-/// Reads the MP table and starts the processors it lists; without one, only this processor
-/// runs.
-fn start_processors() {
-    match mptable::find() {
+/// Reports the MP table, which lists the processors to start. It is read in `guest_main` and
+/// borrowed here: the table is large, and a copy would cost a millisecond where the hypervisor
+/// emulates the guest.
+fn report_mptable(mptable: &Result<MpTable, MpTableError>) {
+    match mptable {
         Ok(table) => {
             let bootstrap_apic_id = table.bootstrap_apic_id().unwrap_or_else(|| {
                 println!("error: mptable: no processor entry has the bootstrap flag");
@@ -148,11 +158,31 @@ fn start_processors() {
                 .text(" bsp=")
                 .decimal(u64::from(bootstrap_apic_id))
                 .end_line();
-            smp::start_application_processors(table.processors());
+        }
+        Err(error) => println!("error: mptable: {error}"),
+    }
+}
+
+/// Reads the ACPI tables, which `exit=poweroff` needs; the RSDP is searched for when the boot
+/// information gives no address.
+fn report_acpi(rsdp_address: u64) -> Option<Acpi> {
+    match Acpi::find(rsdp_address) {
+        Ok(acpi) => {
+            Console::lock()
+                .text("acpi: cpus=")
+                .decimal(acpi.enabled_processors)
+                .text(" ioapic=")
+                .decimal(u64::from(acpi.ioapic.id))
+                .text("@")
+                .hex(u64::from(acpi.ioapic.address))
+                .text(" sleep-control=")
+                .hex(u64::from(acpi.sleep_control_port))
+                .end_line();
+            Some(acpi)
         }
         Err(error) => {
-            println!("error: mptable: {error}");
-            smp::start_application_processors(&[]);
+            println!("error: acpi: {error}");
+            None
         }
     }
 }

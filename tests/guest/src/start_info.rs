@@ -84,6 +84,11 @@ impl StartInfo {
         boot_information::command_line(self.raw.command_line_address, u64::MAX)
     }
 
+    /// The ACPI RSDP's address; 0 when the VMM gives none.
+    pub fn rsdp_address(&self) -> u64 {
+        self.raw.rsdp_address
+    }
+
     /// The memory map; a version 0 start_info has none.
     pub fn memory_map(&self) -> Result<impl Iterator<Item = MemoryMapEntry>, BootInformationError> {
         if self.raw.version < FIRST_VERSION_WITH_MEMORY_MAP {

@@ -12,6 +12,8 @@ use crate::boot_information::{
 
 const ZERO_PAGE_SIZE: u64 = 4096;
 
+/// `acpi_rsdp_addr`: where the loader found (or put) the ACPI RSDP, 0 for "search for it".
+const ACPI_RSDP_ADDR_OFFSET: u64 = 0x070;
 /// `ext_ramdisk_image`, `ext_ramdisk_size` and `ext_cmd_line_ptr`: the upper 32 bits of the
 /// setup header's addresses, for a loader that places things above 4 GiB.
 const EXT_RAMDISK_IMAGE_OFFSET: u64 = 0x0c0;
@@ -81,6 +83,11 @@ impl ZeroPage {
             self.address_field(CMD_LINE_PTR_OFFSET, EXT_CMD_LINE_PTR_OFFSET),
             u64::from(self.field::<u32>(CMDLINE_SIZE_OFFSET)),
         )
+    }
+
+    /// The ACPI RSDP's address; 0 when the loader gives none.
+    pub fn rsdp_address(&self) -> u64 {
+        self.field::<u64>(ACPI_RSDP_ADDR_OFFSET)
     }
 
     /// The e820 memory map.
