@@ -95,7 +95,11 @@ fn one_vcpu_and_128_mib() {
     assert_booted(&finished, 1, "exit=reset hello=world");
     assert_eq!(
         memory_map(&finished),
-        vec![(0, 0x9fc00, 1), (0x10_0000, (128 << 20) - 0x10_0000, 1)]
+        vec![
+            (0, 0x9fc00, 1),
+            (0xe_0000, 0x2_0000, 2),
+            (0x10_0000, (128 << 20) - 0x10_0000, 1)
+        ]
     );
     assert_eq!(
         finished.value("memory-ram: "),
@@ -119,6 +123,7 @@ fn four_vcpus_and_4_gib_with_the_mmio_hole() {
         memory_map(&finished),
         vec![
             (0, 0x9fc00, 1),
+            (0xe_0000, 0x2_0000, 2),
             (0x10_0000, 0xc000_0000 - 0x10_0000, 1),
             (0x1_0000_0000, 0x4000_0000, 1)
         ]
@@ -290,7 +295,7 @@ fn a_json_config_file_gives_the_same_vm() {
     let finished = run_vmm(&["--config", config.to_str().expect("UTF-8")], TIMEOUT);
     assert_booted(&finished, 2, "exit=reset from=json");
     assert_eq!(
-        memory_map(&finished)[1],
+        memory_map(&finished)[2],
         (0x10_0000, (96 << 20) - 0x10_0000, 1)
     );
     std::fs::remove_dir_all(dir).expect("clean up");
@@ -329,7 +334,11 @@ fn linux64_two_vcpus_read_the_zero_page() {
     assert_booted(&finished, 2, "exit=reset from=zero-page");
     assert_eq!(
         memory_map(&finished),
-        vec![(0, 0x9fc00, 1), (0x10_0000, (128 << 20) - 0x10_0000, 1)]
+        vec![
+            (0, 0x9fc00, 1),
+            (0xe_0000, 0x2_0000, 2),
+            (0x10_0000, (128 << 20) - 0x10_0000, 1)
+        ]
     );
     assert_eq!(finished.value("modules: "), "0");
 }
@@ -344,6 +353,7 @@ fn linux64_four_vcpus_and_4_gib_with_the_mmio_hole() {
         memory_map(&finished),
         vec![
             (0, 0x9fc00, 1),
+            (0xe_0000, 0x2_0000, 2),
             (0x10_0000, 0xc000_0000 - 0x10_0000, 1),
             (0x1_0000_0000, 0x4000_0000, 1)
         ]

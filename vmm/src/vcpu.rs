@@ -103,7 +103,10 @@ impl Vcpu {
                 self.mmio_bus.read(address, data);
                 None
             }
-            Ok(VcpuExit::Hlt) => Some(ExitReason::GuestPowerOff),
+            // With the in-kernel irqchip KVM handles HLT itself; an exit means something is off.
+            Ok(VcpuExit::Hlt) => Some(ExitReason::Failure(format!(
+                "vCPU {index} halted and KVM handed the HLT to cove-vmm, which cannot wake it"
+            ))),
             Ok(VcpuExit::Shutdown) => Some(ExitReason::Failure(format!(
                 "the guest triple-faulted on vCPU {index} {}",
                 self.where_it_stopped()

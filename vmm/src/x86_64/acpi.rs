@@ -32,6 +32,9 @@ pub const ACPI_POWER_PORT: u16 = 0x600;
 /// The FADT's reset register: the i8042 command port and its "pulse reset line" command.
 const RESET_PORT: u64 = 0x64;
 const RESET_VALUE: u8 = 0xfe;
+/// FADT IA-PC boot architecture flags (ACPI 6.5, table 5.11).
+const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AcpiError {
@@ -80,6 +83,8 @@ pub fn build(vcpus: u32) -> Result<AcpiTables, AcpiError> {
         .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
+    // No CMOS RTC and no VGA: Linux would otherwise probe them at ports nothing answers.
+    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_NO_VGA | IAPC_BOOT_ARCH_NO_CMOS_RTC).into();
     fadt.reset_reg = GAS::new(
         AddressSpace::SystemIo,
         8,
@@ -204,6 +209,11 @@ mod tests {
         let xsdt = table(&image, u64_at(&image, 24));
         let fadt = table(&image, u64_at(xsdt, 36));
         assert_ne!(u32_at(fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_eq!(
+            u16::from_le_bytes([fadt[109], fadt[110]]),
+            0b10_0100,
+            "no VGA, no CMOS RTC"
+        );
         // The sleep control register (offset 244) is an 8-bit I/O register at the power port.
         assert_eq!(fadt[244], 1);
         assert_eq!(u64_at(fadt, 248), u64::from(ACPI_POWER_PORT));

@@ -8,9 +8,8 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{e820_ram, CMDLINE_START, PVH_INFO_START, ZERO_PAGE_START};
+use super::layout::{e820_map, CMDLINE_START, PVH_INFO_START, ZERO_PAGE_START};
 
-const E820_RAM: u32 = 1;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
@@ -74,13 +73,13 @@ pub fn write_zero_page(
         params.hdr.ramdisk_image = initramfs.address as u32;
         params.hdr.ramdisk_size = initramfs.size as u32;
     }
-    let ram = e820_ram(memory_size);
-    for (slot, (address, size)) in params.e820_table.iter_mut().zip(&ram) {
+    let map = e820_map(memory_size);
+    for (slot, (address, size, kind)) in params.e820_table.iter_mut().zip(&map) {
         slot.addr = *address;
         slot.size = *size;
-        slot.r#type = E820_RAM;
+        slot.r#type = *kind;
     }
-    params.e820_entries = ram.len() as u8;
+    params.e820_entries = map.len() as u8;
     memory
         .write_obj(params, GuestAddress(ZERO_PAGE_START))
         .map_err(memory_error("zero page"))
@@ -93,10 +92,10 @@ pub fn write_pvh_start_info(
     initramfs: Option<Initramfs>,
     rsdp: u64,
 ) -> Result<(), BootError> {
-    let ram = e820_ram(memory_size);
+    let map = e820_map(memory_size);
     let memmap_start = PVH_INFO_START + std::mem::size_of::<hvm_start_info>() as u64;
     let entry_size = std::mem::size_of::<hvm_memmap_table_entry>() as u64;
-    let modlist_start = memmap_start + ram.len() as u64 * entry_size;
+    let modlist_start = memmap_start + map.len() as u64 * entry_size;
 
     let mut start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -104,14 +103,14 @@ pub fn write_pvh_start_info(
         cmdline_paddr: CMDLINE_START,
         rsdp_paddr: rsdp,
         memmap_paddr: memmap_start,
-        memmap_entries: ram.len() as u32,
+        memmap_entries: map.len() as u32,
         ..Default::default()
     };
-    for (index, (address, size)) in ram.iter().enumerate() {
+    for (index, (address, size, kind)) in map.iter().enumerate() {
         let entry = hvm_memmap_table_entry {
             addr: *address,
             size: *size,
-            type_: E820_RAM,
+            type_: *kind,
             reserved: 0,
         };
         memory
@@ -165,9 +164,11 @@ mod tests {
             0xe0000
         );
         let params: boot_params = memory.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
-        assert_eq!(params.e820_entries, 3);
-        let high = params.e820_table[2];
-        assert_eq!({ high.addr }, MMIO_HOLE_END);
+        assert_eq!(params.e820_entries, 4);
+        let reserved = params.e820_table[1];
+        assert_eq!(({ reserved.addr }, { reserved.r#type }), (0xe0000, 2));
+        let high = params.e820_table[3];
+        assert_eq!(({ high.addr }, { high.r#type }), (MMIO_HOLE_END, 1));
         assert_eq!({ params.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ params.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
@@ -190,15 +191,15 @@ mod tests {
                 info.memmap_entries,
                 info.nr_modules
             ),
-            (XEN_HVM_START_MAGIC, 1, 2, 1)
+            (XEN_HVM_START_MAGIC, 1, 3, 1)
         );
         assert_eq!({ info.rsdp_paddr }, 0xe0000);
-        let second: hvm_memmap_table_entry = memory
-            .read_obj(GuestAddress(info.memmap_paddr + 24))
+        let third: hvm_memmap_table_entry = memory
+            .read_obj(GuestAddress(info.memmap_paddr + 48))
             .unwrap();
         assert_eq!(
-            (second.addr, second.size),
-            (HIGH_MEMORY_START, (64 << 20) - HIGH_MEMORY_START)
+            (third.addr, third.size, third.type_),
+            (HIGH_MEMORY_START, (64 << 20) - HIGH_MEMORY_START, 1)
         );
         let module: hvm_modlist_entry = memory.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x200_0000, 0x2000));

@@ -59,18 +59,27 @@ pub fn low_memory_end(size: u64) -> u64 {
     size.min(MMIO_HOLE_START)
 }
 
-/// The usable RAM as the guest's e820 map reports it: conventional memory, then everything from
-/// 1 MiB on, with the MMIO hole cut out.
-pub fn e820_ram(size: u64) -> Vec<(u64, u64)> {
-    let mut ram = vec![(0, EBDA_START)];
+/// e820 type of usable RAM.
+pub const E820_RAM: u32 = 1;
+/// e820 type of memory the OS must leave alone.
+pub const E820_RESERVED: u32 = 2;
+
+/// The guest's memory map, as (start, length, e820 type), in address order: conventional memory,
+/// the BIOS area holding the ACPI and MP tables (reserved), then the RAM from 1 MiB on, with the
+/// MMIO hole cut out.
+pub fn e820_map(size: u64) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (ACPI_START, HIGH_MEMORY_START - ACPI_START, E820_RESERVED),
+    ];
     let low_end = low_memory_end(size);
     if low_end > HIGH_MEMORY_START {
-        ram.push((HIGH_MEMORY_START, low_end - HIGH_MEMORY_START));
+        map.push((HIGH_MEMORY_START, low_end - HIGH_MEMORY_START, E820_RAM));
     }
     if size > MMIO_HOLE_START {
-        ram.push((MMIO_HOLE_END, size - MMIO_HOLE_START));
+        map.push((MMIO_HOLE_END, size - MMIO_HOLE_START, E820_RAM));
     }
-    ram
+    map
 }
 
 #[cfg(test)]
@@ -82,13 +91,14 @@ mod tests {
         assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20)]);
         assert_eq!(ram_ranges(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
         assert_eq!(
-            e820_ram(4 << 30),
+            e820_map(4 << 30),
             vec![
-                (0, EBDA_START),
-                (HIGH_MEMORY_START, (3 << 30) - HIGH_MEMORY_START),
-                (4 << 30, 1 << 30)
+                (0, EBDA_START, E820_RAM),
+                (ACPI_START, HIGH_MEMORY_START - ACPI_START, E820_RESERVED),
+                (HIGH_MEMORY_START, (3 << 30) - HIGH_MEMORY_START, E820_RAM),
+                (4 << 30, 1 << 30, E820_RAM)
             ]
         );
-        assert_eq!(e820_ram(3 << 30).len(), 2);
+        assert_eq!(e820_map(3 << 30).len(), 3);
     }
 }
