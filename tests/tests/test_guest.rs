@@ -456,3 +456,28 @@ fn the_guest_powers_off_through_acpi_soft_off() {
         finished.stderr
     );
 }
+
+#[test]
+fn brief_mode_boots_straight_to_its_exit() {
+    let finished = boot(2, "64M", "brief exit=reset");
+    assert_eq!(
+        finished.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        finished.stderr
+    );
+    let lines: Vec<&str> = finished.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "cove-test-guest: hello",
+            "cove-test-guest: done",
+            "cove-test-guest: reset"
+        ]
+    );
+    assert!(
+        finished.stderr.contains("guest boot time: "),
+        "{}",
+        finished.stderr
+    );
+}

@@ -3,7 +3,9 @@
 //! - `exit=reset|triple-fault|halt|cmpxchg16b|tick|poweroff` picks what happens after the
 //!   report (default `reset`);
 //! - `tick-loops=<decimal>` spaces `tick` lines by that many busy-loop iterations instead of
-//!   the default of about 100 ms measured with the time stamp counter.
+//!   the default of about 100 ms measured with the time stamp counter;
+//! - `brief` skips the report and the other vCPUs: `hello`, the boot timer, `done`, then the
+//!   exit action. Benchmarks use it, so that they time the VMM rather than console output.
 
 use crate::serial::Console;
 
@@ -23,6 +25,8 @@ pub struct Options {
     pub exit_action: ExitAction,
     /// Busy-loop iterations between two `tick` lines; `None` for the time-based default.
     pub tick_loops: Option<u64>,
+    /// Skip the report and the application processors.
+    pub brief: bool,
 }
 
 impl Options {
@@ -32,12 +36,15 @@ impl Options {
         let mut options = Options {
             exit_action: ExitAction::Reset,
             tick_loops: None,
+            brief: false,
         };
         let words = command_line
             .split(|byte| byte.is_ascii_whitespace())
             .filter(|word| !word.is_empty());
         for word in words {
-            if let Some(value) = word.strip_prefix(b"exit=") {
+            if word == b"brief" {
+                options.brief = true;
+            } else if let Some(value) = word.strip_prefix(b"exit=") {
                 match parse_exit_action(value) {
                     Some(action) => options.exit_action = action,
                     None => Console::lock()

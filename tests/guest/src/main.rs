@@ -74,11 +74,16 @@ extern "C" fn guest_main(boot_information_address: u64) -> ! {
         println!("error: {error}");
         &[]
     });
+    let options = Options::parse(command_line);
+    if options.brief {
+        write_boot_timer();
+        Console::lock().text("cove-test-guest: done").end_line();
+        exit::perform(options.exit_action, options.tick_loops, None)
+    }
     Console::lock()
         .text("cmdline: ")
         .bytes(command_line)
         .end_line();
-    let options = Options::parse(command_line);
 
     report_memory_map(&boot_information);
     report_modules(&boot_information);
@@ -88,13 +93,18 @@ extern "C" fn guest_main(boot_information_address: u64) -> ! {
     // Without an MP table, only this processor runs.
     smp::start_application_processors(mptable.as_ref().map_or(&[], MpTable::processors));
 
+    write_boot_timer();
+    Console::lock().text("boot-timer: written").end_line();
+    Console::lock().text("cove-test-guest: done").end_line();
+    exit::perform(options.exit_action, options.tick_loops, acpi.as_ref())
+}
+
+/// Tells the VMM the guest has booted.
+fn write_boot_timer() {
     // SAFETY: the boot-timer device is a VMM MMIO register at this address, inside the
     // uncached 3..4 GiB gigabyte of the identity mapping; a volatile byte store is exactly
     // the access it expects and touches no guest memory.
     unsafe { core::ptr::write_volatile(BOOT_TIMER_ADDRESS as *mut u8, BOOT_TIME_MARKER) };
-    Console::lock().text("boot-timer: written").end_line();
-    Console::lock().text("cove-test-guest: done").end_line();
-    exit::perform(options.exit_action, options.tick_loops, acpi.as_ref())
 }
 
 fn report_memory_map(boot_information: &BootInformation) {
