@@ -18,16 +18,13 @@ fn path(path: &std::path::Path) -> String {
     path.to_str().expect("UTF-8 path").to_string()
 }
 
-#[test]
-fn project_kernel_reaches_its_init_with_two_vcpus_and_512_mib() {
-    require_kvm();
-    let kernel = built_by("resources/build-kernel", &[]);
+/// Boots `kernel` with the project's initramfs, 2 vCPUs and 512 MiB.
+fn boot_with_initramfs(kernel: &std::path::Path, cmdline: &str) -> cove_tests::Finished {
     let initramfs = built_by("resources/build-initramfs", &[]);
-    let cmdline = "console=ttyS0 reboot=k panic=-1 rodata=off cove.test=project-kernel";
-    let finished = run_vmm(
+    run_vmm(
         &[
             "--kernel",
-            &path(&kernel),
+            &path(kernel),
             "--initramfs",
             &path(&initramfs),
             "--cpus",
@@ -38,7 +35,15 @@ fn project_kernel_reaches_its_init_with_two_vcpus_and_512_mib() {
             cmdline,
         ],
         LINUX_TIMEOUT,
-    );
+    )
+}
+
+#[test]
+fn project_kernel_reaches_its_init_with_two_vcpus_and_512_mib() {
+    require_kvm();
+    let kernel = built_by("resources/build-kernel", &[]);
+    let cmdline = "console=ttyS0 reboot=k panic=-1 rodata=off cove.test=project-kernel";
+    let finished = boot_with_initramfs(&kernel, cmdline);
     eprintln!(
         "{} host: the project kernel ({})",
         if host_is_kvm_pvm() {
@@ -95,24 +100,9 @@ fn project_kernel_reaches_its_init_with_two_vcpus_and_512_mib() {
 fn debian_cloud_kernel_bzimage_sees_the_command_line_memory_and_vcpus() {
     require_kvm();
     let kernel = built_by("resources/fetch-debian-kernel", &[]);
-    let initramfs = built_by("resources/build-initramfs", &[]);
     let cmdline =
         "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 cove.test=bzimage";
-    let finished = run_vmm(
-        &[
-            "--kernel",
-            &path(&kernel),
-            "--initramfs",
-            &path(&initramfs),
-            "--cpus",
-            "boot=2",
-            "--memory",
-            "size=512M",
-            "--cmdline",
-            cmdline,
-        ],
-        LINUX_TIMEOUT,
-    );
+    let finished = boot_with_initramfs(&kernel, cmdline);
     let console = &finished.stdout;
     let context = format!("console:\n{console}\nstderr:\n{}", finished.stderr);
     // The kernel's own early output: what the bzImage was handed through the zero page.

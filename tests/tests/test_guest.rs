@@ -2,6 +2,7 @@
 //! PVH start info's command line and memory map, the MP table), starts its other vCPUs, writes
 //! the boot timer and resets. Each test checks those facts against the VM's configuration.
 
+use std::path::Path;
 use std::time::Duration;
 
 use cove_tests::{require_kvm, run_vmm, test_guest, test_guest_linux64, Finished, Vmm};
@@ -9,23 +10,71 @@ use cove_tests::{require_kvm, run_vmm, test_guest, test_guest_linux64, Finished,
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn boot(cpus: u32, memory: &str, cmdline: &str) -> Finished {
+    boot_guest(test_guest(), cpus, memory, cmdline, &[])
+}
+
+/// Boots `guest` (either build of the test guest) with `extra` arguments after the usual ones.
+fn boot_guest(guest: &Path, cpus: u32, memory: &str, cmdline: &str, extra: &[&str]) -> Finished {
     require_kvm();
-    let guest = test_guest().to_str().expect("UTF-8 path").to_string();
+    let guest = guest.to_str().expect("UTF-8 path").to_string();
     let cpus = format!("boot={cpus}");
     let memory = format!("size={memory}");
-    run_vmm(
-        &[
-            "--kernel",
-            &guest,
-            "--cpus",
-            &cpus,
-            "--memory",
-            &memory,
-            "--cmdline",
-            cmdline,
-        ],
-        TIMEOUT,
-    )
+    let mut arguments = vec![
+        "--kernel",
+        &guest,
+        "--cpus",
+        &cpus,
+        "--memory",
+        &memory,
+        "--cmdline",
+        cmdline,
+    ];
+    arguments.extend_from_slice(extra);
+    run_vmm(&arguments, TIMEOUT)
+}
+
+/// RAM stops at 3 GiB and the last GiB continues above 4 GiB; the ACPI and MP tables' area is
+/// reserved.
+fn assert_four_gib_map_with_the_hole(finished: &Finished) {
+    assert_eq!(
+        memory_map(finished),
+        vec![
+            (0, 0x9fc00, 1),
+            (0xe_0000, 0x2_0000, 2),
+            (0x10_0000, 0xc000_0000 - 0x10_0000, 1),
+            (0x1_0000_0000, 0x4000_0000, 1)
+        ]
+    );
+    let total = 0x9fc00u64 + (0xc000_0000 - 0x10_0000) + 0x4000_0000;
+    assert_eq!(finished.value("memory-ram: "), total.to_string());
+}
+
+/// A 12345-byte `--initramfs` reaches `guest` as one module, page-aligned at the top of 64 MiB
+/// of RAM.
+fn assert_initramfs_handed_over(guest: &Path, scratch: &str) {
+    let dir = cove_tests::scratch_dir(scratch);
+    let initramfs = dir.join("initramfs.bin");
+    std::fs::write(&initramfs, vec![0x5a; 12345]).expect("write the initramfs");
+    let finished = boot_guest(
+        guest,
+        1,
+        "64M",
+        "exit=reset",
+        &["--initramfs", initramfs.to_str().expect("UTF-8")],
+    );
+    assert_eq!(
+        finished.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        finished.stderr
+    );
+    assert_eq!(finished.value("modules: "), "1");
+    let start = ((64u64 << 20) - 12345) & !0xfff;
+    assert_eq!(
+        finished.value("module: "),
+        format!("start={start:#x} size=0x3039")
+    );
+    std::fs::remove_dir_all(dir).expect("clean up");
 }
 
 /// The guest's memory map as (start, size, type).
@@ -118,59 +167,12 @@ fn two_vcpus_start_and_announce_themselves() {
 fn four_vcpus_and_4_gib_with_the_mmio_hole() {
     let finished = boot(4, "4G", "exit=reset");
     assert_booted(&finished, 4, "exit=reset");
-    // RAM stops at 3 GiB and the last GiB continues above 4 GiB.
-    assert_eq!(
-        memory_map(&finished),
-        vec![
-            (0, 0x9fc00, 1),
-            (0xe_0000, 0x2_0000, 2),
-            (0x10_0000, 0xc000_0000 - 0x10_0000, 1),
-            (0x1_0000_0000, 0x4000_0000, 1)
-        ]
-    );
-    let total = 0x9fc00u64 + (0xc000_0000 - 0x10_0000) + 0x4000_0000;
-    assert_eq!(finished.value("memory-ram: "), total.to_string());
+    assert_four_gib_map_with_the_hole(&finished);
 }
 
 #[test]
 fn an_initramfs_is_handed_over_as_a_pvh_module() {
-    require_kvm();
-    let dir = cove_tests::scratch_dir("module");
-    let module = dir.join("module.bin");
-    std::fs::write(&module, vec![0xa5; 12345]).expect("write the module");
-    let guest = test_guest().to_str().expect("UTF-8 path").to_string();
-    let finished = run_vmm(
-        &[
-            "--kernel",
-            &guest,
-            "--initramfs",
-            module.to_str().expect("UTF-8"),
-            "--memory",
-            "64M",
-        ],
-        TIMEOUT,
-    );
-    assert_eq!(
-        finished.status.code(),
-        Some(0),
-        "stderr:\n{}",
-        finished.stderr
-    );
-    assert_eq!(finished.value("modules: "), "1");
-    let module_line = finished.value("module: ");
-    assert!(module_line.ends_with("size=0x3039"), "{module_line}");
-    // The module sits page-aligned at the top of RAM.
-    let start = u64::from_str_radix(
-        module_line
-            .trim_start_matches("start=0x")
-            .split(' ')
-            .next()
-            .expect("start"),
-        16,
-    )
-    .expect("hex");
-    assert_eq!(start, ((64 << 20) - 12345) & !0xfff);
-    std::fs::remove_dir_all(dir).expect("clean up");
+    assert_initramfs_handed_over(test_guest(), "module");
 }
 
 #[test]
@@ -306,26 +308,7 @@ fn a_json_config_file_gives_the_same_vm() {
 /// page (its setup header must say "HdrS"), so a guest entered through PVH would panic rather
 /// than pass these tests.
 fn boot_linux64(cpus: u32, memory: &str, cmdline: &str) -> Finished {
-    require_kvm();
-    let guest = test_guest_linux64()
-        .to_str()
-        .expect("UTF-8 path")
-        .to_string();
-    let cpus = format!("boot={cpus}");
-    let memory = format!("size={memory}");
-    run_vmm(
-        &[
-            "--kernel",
-            &guest,
-            "--cpus",
-            &cpus,
-            "--memory",
-            &memory,
-            "--cmdline",
-            cmdline,
-        ],
-        TIMEOUT,
-    )
+    boot_guest(test_guest_linux64(), cpus, memory, cmdline, &[])
 }
 
 #[test]
@@ -349,54 +332,13 @@ fn linux64_four_vcpus_and_4_gib_with_the_mmio_hole() {
     assert_booted(&finished, 4, "exit=reset");
     // The loader's page tables map only the first GiB: the guest got this far, and wrote the
     // boot timer at 3 GiB, on its own.
-    assert_eq!(
-        memory_map(&finished),
-        vec![
-            (0, 0x9fc00, 1),
-            (0xe_0000, 0x2_0000, 2),
-            (0x10_0000, 0xc000_0000 - 0x10_0000, 1),
-            (0x1_0000_0000, 0x4000_0000, 1)
-        ]
-    );
-    let total = 0x9fc00u64 + (0xc000_0000 - 0x10_0000) + 0x4000_0000;
-    assert_eq!(finished.value("memory-ram: "), total.to_string());
+    assert_four_gib_map_with_the_hole(&finished);
 }
 
 #[test]
 fn linux64_an_initramfs_is_handed_over_in_the_zero_page() {
-    require_kvm();
-    let dir = cove_tests::scratch_dir("linux64-initramfs");
-    let initramfs = dir.join("initramfs.bin");
-    std::fs::write(&initramfs, vec![0x5a; 12345]).expect("write the initramfs");
-    let guest = test_guest_linux64()
-        .to_str()
-        .expect("UTF-8 path")
-        .to_string();
-    let finished = run_vmm(
-        &[
-            "--kernel",
-            &guest,
-            "--initramfs",
-            initramfs.to_str().expect("UTF-8"),
-            "--memory",
-            "64M",
-        ],
-        TIMEOUT,
-    );
-    assert_eq!(
-        finished.status.code(),
-        Some(0),
-        "stderr:\n{}",
-        finished.stderr
-    );
-    assert_eq!(finished.value("modules: "), "1");
-    // ramdisk_image and ramdisk_size: page-aligned at the top of RAM, 12345 bytes.
-    let start = ((64u64 << 20) - 12345) & !0xfff;
-    assert_eq!(
-        finished.value("module: "),
-        format!("start={start:#x} size=0x3039")
-    );
-    std::fs::remove_dir_all(dir).expect("clean up");
+    // ramdisk_image and ramdisk_size in the zero page.
+    assert_initramfs_handed_over(test_guest_linux64(), "linux64-initramfs");
 }
 
 /// Fails with the console when the guest reported a problem.
