@@ -33,6 +33,18 @@ fn boot_guest(guest: &Path, cpus: u32, memory: &str, cmdline: &str, extra: &[&st
     run_vmm(&arguments, TIMEOUT)
 }
 
+/// Conventional memory, the reserved ACPI and MP tables' area, then RAM from 1 MiB to 128 MiB.
+fn assert_128_mib_map(finished: &Finished) {
+    assert_eq!(
+        memory_map(finished),
+        vec![
+            (0, 0x9fc00, 1),
+            (0xe_0000, 0x2_0000, 2),
+            (0x10_0000, (128 << 20) - 0x10_0000, 1)
+        ]
+    );
+}
+
 /// RAM stops at 3 GiB and the last GiB continues above 4 GiB; the ACPI and MP tables' area is
 /// reserved.
 fn assert_four_gib_map_with_the_hole(finished: &Finished) {
@@ -142,14 +154,7 @@ fn assert_booted(finished: &Finished, cpus: u32, cmdline: &str) {
 fn one_vcpu_and_128_mib() {
     let finished = boot(1, "128M", "exit=reset hello=world");
     assert_booted(&finished, 1, "exit=reset hello=world");
-    assert_eq!(
-        memory_map(&finished),
-        vec![
-            (0, 0x9fc00, 1),
-            (0xe_0000, 0x2_0000, 2),
-            (0x10_0000, (128 << 20) - 0x10_0000, 1)
-        ]
-    );
+    assert_128_mib_map(&finished);
     assert_eq!(
         finished.value("memory-ram: "),
         ((128 << 20) - 0x10_0000 + 0x9fc00u64).to_string()
@@ -315,14 +320,7 @@ fn boot_linux64(cpus: u32, memory: &str, cmdline: &str) -> Finished {
 fn linux64_two_vcpus_read_the_zero_page() {
     let finished = boot_linux64(2, "128M", "exit=reset from=zero-page");
     assert_booted(&finished, 2, "exit=reset from=zero-page");
-    assert_eq!(
-        memory_map(&finished),
-        vec![
-            (0, 0x9fc00, 1),
-            (0xe_0000, 0x2_0000, 2),
-            (0x10_0000, (128 << 20) - 0x10_0000, 1)
-        ]
-    );
+    assert_128_mib_map(&finished);
     assert_eq!(finished.value("modules: "), "0");
 }
 
