@@ -13,13 +13,16 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod vsock;
 #[cfg(test)]
 mod test_driver;
 
+use std::num::Wrapping;
+use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
-use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
@@ -95,6 +98,21 @@ pub trait VirtioDevice: Send {
     /// when that queue's notification fires. A request that is bad fails alone; an error here
     /// means the device itself can go no further until the driver resets it.
     fn process_queue(&mut self, queue_index: usize) -> Result<(), VirtioError>;
+    /// A descriptor that becomes readable when the device's host side has work for it (a frame
+    /// waiting on a tap, a connection or bytes on a Unix socket). The VMM watches it, level
+    /// triggered, from the moment the device is built, and calls [`VirtioDevice::process_backend`]
+    /// when it is readable. It must not be readable while the device can make no progress (for
+    /// example when the driver has given no receive buffers): a device with several host
+    /// descriptors keeps its own epoll set and returns that set's descriptor here, leaving out
+    /// what it cannot serve yet. It never changes over the device's life.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Serves what the host side has ready; see [`VirtioDevice::backend_fd`]. An error means
+    /// the device can go no further until the driver resets it.
+    fn process_backend(&mut self) -> Result<(), VirtioError> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +138,12 @@ pub enum VirtioError {
         queue_index: usize,
         #[source]
         source: virtio_queue::Error,
+    },
+    #[error("the device's host side failed to {what}")]
+    Backend {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot raise the device's interrupt")]
     Interrupt(#[source] std::io::Error),

@@ -1,0 +1,1 @@
+//! virtio-net (virtio 1.2, section 5.1) over a tap device.

@@ -1,0 +1,1 @@
+//! virtio-vsock (virtio 1.2, section 5.10) with its host side on Unix sockets.
