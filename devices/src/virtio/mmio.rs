@@ -214,9 +214,25 @@ impl MmioTransport {
         self.ignored_accesses
     }
 
-    /// Why the device refused its last activation, if it did (status then shows NEEDS_RESET).
+    /// Why the device refused its last activation or stopped since, if it did (status then
+    /// shows NEEDS_RESET).
     pub fn activation_error(&self) -> Option<&VirtioError> {
         self.activation_error.as_ref()
+    }
+
+    /// Records that the device stopped with `error` while serving the driver: the status shows
+    /// NEEDS_RESET and a configuration-change interrupt tells the driver, which must reset the
+    /// device to use it again (virtio 1.2, section 2.1.2).
+    pub fn device_failed(&mut self, error: VirtioError) {
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.activation_error = Some(error);
+        // The status bit is what matters; a lost interrupt only delays the driver noticing.
+        let _ = self.interrupt.trigger(InterruptCause::ConfigChanged);
+    }
+
+    /// Whether the device is stopped until the driver resets it.
+    pub fn needs_reset(&self) -> bool {
+        self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0
     }
 
     fn ignore(&mut self) {

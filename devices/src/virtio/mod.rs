@@ -15,9 +15,9 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
-pub mod vsock;
 #[cfg(test)]
 mod test_driver;
+pub mod vsock;
 
 use std::num::Wrapping;
 use std::os::unix::io::RawFd;

@@ -15,6 +15,7 @@ pub mod request;
 
 use std::fs::OpenOptions;
 use std::mem::offset_of;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -50,14 +51,17 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// What GET_ID returns (Linux shows it as the disk's serial); at most 20 bytes.
     pub id: String,
+    /// Open the image with O_DIRECT, bypassing the host's page cache.
+    pub direct: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("cannot open disk image {path} (read-only: {read_only}); check that it exists and is accessible")]
+    #[error("cannot open disk image {path} (read-only: {read_only}, direct: {direct}); check that it exists and is accessible, and that its file system supports direct I/O if direct=on")]
     Open {
         path: PathBuf,
         read_only: bool,
+        direct: bool,
         #[source]
         source: std::io::Error,
     },
@@ -110,10 +114,12 @@ impl Block {
         let file = OpenOptions::new()
             .read(true)
             .write(!config.read_only)
+            .custom_flags(if config.direct { libc::O_DIRECT } else { 0 })
             .open(&config.path)
             .map_err(|source| BlockError::Open {
                 path: config.path.clone(),
                 read_only: config.read_only,
+                direct: config.direct,
                 source,
             })?;
         let len = file
@@ -123,7 +129,11 @@ impl Block {
                 source,
             })?
             .len();
-        let image = DiskImage::new(file, len, config.read_only);
+        let image = if config.direct {
+            DiskImage::new_direct(file, len, config.read_only)
+        } else {
+            DiskImage::new(file, len, config.read_only)
+        };
         let mut id = [0u8; ID_BYTES];
         id[..config.id.len()].copy_from_slice(config.id.as_bytes());
 

@@ -60,11 +60,16 @@ struct Disk {
 }
 
 fn disk(read_only: bool, features: u64) -> Disk {
+    disk_opened(read_only, false, features)
+}
+
+fn disk_opened(read_only: bool, direct: bool, features: u64) -> Disk {
     let image = patterned_image();
     let block = Block::new(&BlockConfig {
         path: image.path().to_path_buf(),
         read_only,
         id: "cove-disk-0".into(),
+        direct,
     })
     .unwrap();
     let block = Arc::new(Mutex::new(block));
@@ -210,6 +215,43 @@ fn sectors_the_driver_writes_are_found_in_the_image() {
     assert_eq!(sector_of(&disk.image, 8), vec![8; 512]);
     assert!(lock(&disk.block).is_activated());
     assert_eq!(lock(&disk.block).counters().failed_requests, 1);
+}
+
+#[test]
+fn a_direct_disk_moves_unaligned_guest_buffers_through_its_bounce_buffer() {
+    let mut disk = disk_opened(false, true, ALL_FEATURES);
+    let (status, used) = disk.request(
+        VIRTIO_BLK_T_IN,
+        10,
+        &[
+            Buffer::writable(DATA + 0x2003, 100),
+            Buffer::writable(DATA + 0x3001, 924),
+        ],
+    );
+    assert_eq!((status, used), (OK, 1025));
+    let mut got = disk.driver.read_bytes(DATA + 0x2003, 100);
+    got.extend(disk.driver.read_bytes(DATA + 0x3001, 924));
+    let mut expected = vec![10u8; 512];
+    expected.extend_from_slice(&[11; 512]);
+    assert_eq!(got, expected);
+
+    disk.driver.write_bytes(DATA + 0x11, &[0xa5; 300]);
+    disk.driver.write_bytes(DATA + 0x1005, &[0x5a; 724]);
+    let (status, _) = disk.request(
+        VIRTIO_BLK_T_OUT,
+        5,
+        &[
+            Buffer::readable(DATA + 0x11, 300),
+            Buffer::readable(DATA + 0x1005, 724),
+        ],
+    );
+    assert_eq!(status, OK);
+    let mut expected = vec![0xa5u8; 300];
+    expected.extend_from_slice(&[0x5a; 212]);
+    assert_eq!(sector_of(&disk.image, 5), expected);
+    assert_eq!(sector_of(&disk.image, 6), vec![0x5a; 512]);
+    assert_eq!(sector_of(&disk.image, 7), vec![7; 512]);
+    assert_eq!(disk.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
 }
 
 #[test]
@@ -511,6 +553,7 @@ fn bad_configurations_are_refused_with_a_clear_error() {
         path: "/nonexistent/cove.img".into(),
         read_only: false,
         id: String::new(),
+        direct: false,
     })
     .err()
     .unwrap();
@@ -523,6 +566,7 @@ fn bad_configurations_are_refused_with_a_clear_error() {
         path: image.path().to_path_buf(),
         read_only: false,
         id: "a-disk-id-longer-than-twenty-bytes".into(),
+        direct: false,
     })
     .err()
     .unwrap();
