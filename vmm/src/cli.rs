@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 
 use crate::config::{
-    parse_size, ConfigError, CpuProfile, CpusConfig, FeatureChange, KernelConfig, MemoryConfig,
-    MemorySize, SerialConfig, VmConfig,
+    parse_size, ConfigError, CpuProfile, CpusConfig, DiskConfig, FeatureChange, KernelConfig,
+    MemoryConfig, MemorySize, NetConfig, OptionError, OptionList, SerialConfig, VmConfig,
+    VsockConfig,
 };
 
 pub const HELP: &str = "\
@@ -15,6 +16,8 @@ cove-vmm: run one KVM virtual machine
 USAGE:
     cove-vmm --kernel PATH [--initramfs PATH] [--cmdline TEXT] [--cpus boot=N]
              [--memory size=SIZE] [--serial tty|file=PATH|off] [--api-socket PATH]
+             [--disk path=FILE,...]... [--net tap=NAME|ip=ADDR,...]...
+             [--vsock cid=N,socket=PATH] [--rng]
     cove-vmm --config FILE [flags that override the file]
 
 FLAGS:
@@ -40,13 +43,33 @@ FLAGS:
                             GET /api/v1/vmm.ping       GET /api/v1/vm.info
                             PUT /api/v1/vm.pause       PUT /api/v1/vm.resume
                             PUT /api/v1/vm.shutdown
+    --disk path=FILE[,readonly=on][,id=NAME][,direct=on]
+                          a virtio-blk disk on a raw image file (repeatable); id is the
+                          serial the guest reads (at most 20 bytes, default diskN); direct
+                          bypasses the host's page cache
+    --net tap=NAME[,mac=MAC]
+    --net ip=ADDR[,mask=MASK][,tap=NAME][,mac=MAC]
+                          a virtio-net interface (repeatable) on an existing tap, or on a
+                          tap cove-vmm creates with the host address ADDR/MASK (default
+                          mask 255.255.255.0) and removes at exit; the guest's MAC is MAC,
+                          or a random locally administered one
+    --vsock cid=N,socket=PATH
+                          a virtio-vsock device: the guest's CID (3 or more) and the Unix
+                          socket the host connects to; the host writes \"CONNECT PORT\\n\"
+                          and reads \"OK HOSTPORT\\n\" before the stream to the guest's
+                          port; a guest connection to host port P reaches the Unix socket
+                          PATH_P
+    --rng                 a virtio-rng device fed by the host's getrandom
     --seccomp on|log|off  per-thread system call filters (default on): a call outside a
                           thread's list ends cove-vmm with status 3; log only records it
     --config FILE         read the settings from a JSON file, shaped as GET /api/v1/vm.info's
                           \"config\": {\"kernel\": {\"path\", \"initramfs\", \"cmdline\"},
                           \"cpus\": {\"boot\", \"profile\", \"features\"}, \"memory\": {\"size\"},
                           \"serial\": \"tty\"|\"off\"|{\"file\": PATH}, \"api_socket\",
-                          \"seccomp\"}
+                          \"seccomp\", \"disks\": [{\"path\", \"readonly\", \"id\",
+                          \"direct\"}], \"nets\": [{\"tap\", \"ip\", \"mask\", \"mac\"}],
+                          \"vsock\": {\"cid\", \"socket\"}, \"rng\": true}; --disk and --net
+                          flags replace the file's lists
     -h, --help            print this help
     -V, --version         print the version
 
@@ -54,6 +77,9 @@ DEVICES:
     COM1 16550 serial (0x3f8, IRQ 4); i8042 (0x60, 0x64: the guest's reset ends the VMM);
     boot timer at MMIO 0xc0000000 (a guest write of the byte 123 prints
     \"guest boot time: N us\" on stderr); in-kernel IOAPIC, LAPICs and PIT; an MP table.
+    virtio-mmio (version 2) devices from 0xd0000000, 4 KiB apart, on IRQs 5 to 23, in the
+    order disks, nets, vsock, rng; each is announced on the kernel command line as
+    virtio_mmio.device=4K@0xBASE:IRQ.
 
 EXIT STATUS:
     0  the guest reset or powered off, or the VM was stopped by the API, SIGTERM or SIGINT
@@ -90,6 +116,16 @@ pub enum CliError {
     },
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("{0}")]
+    DeviceOption(OptionError),
+    #[error("--rng takes no value")]
+    RngValue,
+}
+
+impl From<OptionError> for CliError {
+    fn from(error: OptionError) -> Self {
+        Self::DeviceOption(error)
+    }
 }
 
 /// What the command line asks for.
@@ -112,6 +148,10 @@ struct Overrides {
     api_socket: Option<PathBuf>,
     seccomp: Option<String>,
     config: Option<PathBuf>,
+    disks: Vec<DiskConfig>,
+    nets: Vec<NetConfig>,
+    vsock: Option<VsockConfig>,
+    rng: bool,
 }
 
 /// Parses the arguments (without the program name).
@@ -142,6 +182,15 @@ pub fn parse<I: IntoIterator<Item = String>>(arguments: I) -> Result<Command, Cl
             "--api-socket" => overrides.api_socket = Some(value()?.into()),
             "--seccomp" => overrides.seccomp = Some(value()?),
             "--config" => overrides.config = Some(value()?.into()),
+            "--disk" => overrides
+                .disks
+                .push(OptionList::new("--disk", &value()?).disk()?),
+            "--net" => overrides
+                .nets
+                .push(OptionList::new("--net", &value()?).net()?),
+            "--vsock" => overrides.vsock = Some(OptionList::new("--vsock", &value()?).vsock()?),
+            "--rng" if inline.is_some() => return Err(CliError::RngValue),
+            "--rng" => overrides.rng = true,
             _ => return Err(CliError::UnknownArgument(argument)),
         }
     }
@@ -173,8 +222,22 @@ fn build(overrides: Overrides) -> Result<VmConfig, CliError> {
             serial: SerialConfig::default(),
             api_socket: None,
             seccomp: Default::default(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            rng: false,
         },
     };
+    if !overrides.disks.is_empty() {
+        config.disks = overrides.disks;
+    }
+    if !overrides.nets.is_empty() {
+        config.nets = overrides.nets;
+    }
+    if let Some(vsock) = overrides.vsock {
+        config.vsock = Some(vsock);
+    }
+    config.rng |= overrides.rng;
     if let Some(path) = overrides.kernel {
         config.kernel.path = path;
     }
@@ -330,6 +393,57 @@ mod tests {
         assert!(message(&["--kernel"]).contains("--kernel needs a value"));
         assert!(message(&["--kernel", "k", "--cpu-features", "avx"]).contains("write +NAME"));
         assert!(message(&["--config", "/nonexistent.json"]).contains("cannot read the config file"));
+    }
+
+    #[test]
+    fn device_flags_build_the_device_lists() {
+        let config = run(&[
+            "--kernel",
+            "k",
+            "--disk",
+            "path=/a.img",
+            "--disk=path=/b.img,readonly=on,id=data",
+            "--net",
+            "tap=tap0,mac=52:54:00:12:34:56",
+            "--net",
+            "ip=192.0.2.1,mask=255.255.255.0",
+            "--vsock",
+            "cid=3,socket=/tmp/v.sock",
+            "--rng",
+        ])
+        .unwrap();
+        assert_eq!(config.disks.len(), 2);
+        assert!(config.disks[1].readonly);
+        assert_eq!(config.disks[1].id.as_deref(), Some("data"));
+        assert_eq!(config.nets.len(), 2);
+        assert_eq!(config.nets[0].tap.as_deref(), Some("tap0"));
+        assert_eq!(config.vsock.as_ref().map(|vsock| vsock.cid), Some(3));
+        assert!(config.rng);
+        assert_eq!(config.virtio_device_count(), 6);
+    }
+
+    #[test]
+    fn bad_device_flags_are_refused_before_anything_starts() {
+        let message = |arguments: &[&str]| {
+            let mut all = vec!["--kernel", "k"];
+            all.extend_from_slice(arguments);
+            run(&all).unwrap_err().to_string()
+        };
+        assert!(message(&["--disk", "readonly=on"]).contains("path=FILE is required"));
+        assert!(
+            message(&["--disk", "path=/a,id=x", "--disk", "path=/b,id=x"])
+                .contains("two disks have the id \"x\"")
+        );
+        assert!(message(&["--net", "tap=t0,mac=zz:00:00:00:00:00"]).contains("mac=zz"));
+        assert!(message(&["--net", "mac=52:54:00:00:00:01"]).contains("needs tap=NAME"));
+        assert!(message(&["--vsock", "cid=2,socket=/tmp/v"]).contains("cid 2 is reserved"));
+        assert!(message(&["--vsock", "socket=/tmp/v"]).contains("both cid=N and socket=PATH"));
+        assert!(message(&["--rng=on"]).contains("--rng takes no value"));
+        let many: Vec<String> = (0..20)
+            .map(|index| format!("--disk=path=/d{index}"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(message(&many).contains("at most 19"));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod seccomp;
 pub mod teardown;
 pub mod terminal;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 pub mod x86_64;
 

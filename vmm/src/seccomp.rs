@@ -89,6 +89,8 @@ const KVM_TRANSLATE: u64 = ioctl_number(3, 0x85, std::mem::size_of::<kvm_transla
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 const FIONBIO: u64 = 0x5421;
+/// `_IOW('T', 208, unsigned int)`: a tap's offloads, set when a virtio-net device activates.
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 
 /// System calls with no argument checks that every thread makes: memory, locks, signals, exit.
 const COMMON: &[i64] = &[
@@ -103,6 +105,7 @@ const COMMON: &[i64] = &[
     libc::SYS_madvise,
     libc::SYS_mmap,
     libc::SYS_mprotect,
+    libc::SYS_mremap,
     libc::SYS_munmap,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
@@ -114,22 +117,46 @@ const COMMON: &[i64] = &[
     libc::SYS_close,
 ];
 
-/// The event loop's calls beyond `COMMON`.
+/// The event loop's calls beyond `COMMON`, the virtio devices' included: disk I/O (`lseek`,
+/// `pread64`, `pwrite64`, `fdatasync`, `fallocate`), entropy (`getrandom`), the devices' own
+/// epoll sets, and the vsock device's Unix sockets (`accept4`, `connect`, `shutdown`,
+/// `getsockopt`; `socket` is allowed for AF_UNIX only, below) and its time-out timer.
 const EVENT_LOOP: &[i64] = &[
     libc::SYS_accept4,
+    libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
+    libc::SYS_connect,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
+    libc::SYS_fallocate,
+    libc::SYS_fdatasync,
     libc::SYS_getppid,
+    libc::SYS_getrandom,
+    libc::SYS_getsockopt,
+    libc::SYS_lseek,
     libc::SYS_nanosleep,
     libc::SYS_pause,
     libc::SYS_prctl,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
     libc::SYS_read,
+    libc::SYS_readv,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_setsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_timerfd_settime,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+];
+
+/// What a vCPU thread may call beyond `COMMON`: a status write that activates or resets a
+/// virtio device runs the device's activation or reset there (a net device's offloads and
+/// epoll set, a vsock device closing its streams and re-arming its time-out timer).
+const VCPU: &[i64] = &[
+    libc::SYS_epoll_ctl,
+    libc::SYS_shutdown,
+    libc::SYS_timerfd_settime,
 ];
 
 fn argument_is(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
@@ -145,13 +172,26 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         COMMON.iter().map(|call| (*call, Vec::new())).collect();
     let ioctls: &[u64] = match kind {
-        ThreadKind::Vcpu => &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE],
+        ThreadKind::Vcpu => {
+            rules.extend(VCPU.iter().map(|call| (*call, Vec::new())));
+            &[
+                KVM_RUN,
+                KVM_GET_REGS,
+                KVM_GET_SREGS,
+                KVM_TRANSLATE,
+                TUNSETOFFLOAD,
+            ]
+        }
         ThreadKind::EventLoop => {
             rules.extend(EVENT_LOOP.iter().map(|call| (*call, Vec::new())));
+            rules.insert(
+                libc::SYS_socket,
+                vec![argument_is(0, libc::AF_UNIX as u64)?],
+            );
             // The teardown hand-over: a child sharing the address space, and nothing else.
             let flags = (libc::CLONE_VM | libc::SIGCHLD) as u64;
             rules.insert(libc::SYS_clone, vec![argument_is(0, flags)?]);
-            &[TCGETS, TCSETS, FIONBIO]
+            &[TCGETS, TCSETS, FIONBIO, TUNSETOFFLOAD]
         }
     };
     let ioctl_rules = ioctls

@@ -36,6 +36,7 @@ use crate::loader::{self, KernelImage, LoaderError};
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal::{self, RawTerminal};
 use crate::vcpu::{self, Vcpu};
+use crate::virtio::VirtioDevices;
 use crate::x86_64::acpi::{self, AcpiError, ACPI_POWER_PORT};
 use crate::x86_64::boot::{self, BootError};
 use crate::x86_64::layout::{
@@ -104,6 +105,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::VirtioSetupError),
     #[error("cannot create {what}: {source}")]
     Host {
         what: &'static str,
@@ -130,6 +133,7 @@ struct Description {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     boot_time: Arc<BootTime>,
+    virtio: VirtioDevices,
 }
 
 /// A VM ready to run.
@@ -199,6 +203,8 @@ impl Vm {
             .as_deref()
             .map(ApiServer::bind)
             .transpose()?;
+        let mut virtio = VirtioDevices::open(config)?;
+        let cmdline = virtio.announce(&config.kernel.cmdline)?;
 
         // The VM and its memory.
         let vm_fd = kvm.create_vm().map_err(kvm_error("create a VM"))?;
@@ -231,7 +237,7 @@ impl Vm {
             )?),
             None => None,
         };
-        boot::write_cmdline(&memory, &config.kernel.cmdline)?;
+        boot::write_cmdline(&memory, &cmdline)?;
         let table = mptable::build(config.cpus.boot)?;
         memory
             .write_slice(&table, GuestAddress(MPTABLE_START))
@@ -245,7 +251,7 @@ impl Vm {
                 &memory,
                 memory_size,
                 kernel.setup_header,
-                config.kernel.cmdline.len(),
+                cmdline.len(),
                 initramfs,
                 ACPI_START,
             )?,
@@ -297,6 +303,7 @@ impl Vm {
             BOOT_TIMER_SIZE,
             shared(BootTimer::new(started, boot_time.clone())),
         )?;
+        virtio.attach(&vm_fd, &memory, &mut mmio_bus)?;
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
 
@@ -343,6 +350,7 @@ impl Vm {
             io_bus,
             mmio_bus,
             boot_time,
+            virtio,
         });
         Ok(Self {
             description,
@@ -395,6 +403,9 @@ impl Vm {
                 host_error("the event loop")(std::io::Error::other(format!("{error:?}")))
             })?;
         events.add_subscriber(Arc::new(Mutex::new(controller)));
+        for server in self.description.virtio.subscribers()? {
+            events.add_subscriber(Arc::new(Mutex::new(server)));
+        }
         if let Err(error) = seccomp::apply(ThreadKind::EventLoop, &self.event_loop_filter) {
             self.control
                 .request_exit(ExitReason::Failure(crate::describe_error(&error)));
@@ -407,6 +418,7 @@ impl Vm {
             }
         }
         stop_vcpus(&self.control, threads);
+        self.description.virtio.remove_host_files();
         drop(terminal);
         crate::teardown::hand_over();
         Ok(self
@@ -496,6 +508,7 @@ impl VmApi for VmHandle {
             "unclaimed_port_writes": description.io_bus.unclaimed_writes(),
             "unclaimed_mmio_reads": description.mmio_bus.unclaimed_reads(),
             "unclaimed_mmio_writes": description.mmio_bus.unclaimed_writes(),
+            "virtio_devices": description.virtio.describe(),
         })
     }
 

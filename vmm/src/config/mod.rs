@@ -7,11 +7,17 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+mod devices;
+
+pub use devices::{DeviceConfigError, DiskConfig, NetConfig, OptionError, OptionList, VsockConfig};
+
 /// The largest guest memory accepted: 1 TiB, far below what the guest-physical address space
 /// allows and far above anything a microVM needs.
 pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
 /// The smallest guest memory that holds the boot structures, a kernel and its stack.
 pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
+/// Each virtio device takes one IOAPIC pin, from 5 to 23 (4 is COM1's).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// Linux reads at most this much of its command line on x86 (COMMAND_LINE_SIZE).
 pub const MAX_CMDLINE_BYTES: usize = 2048;
 
@@ -40,6 +46,10 @@ pub enum ConfigError {
         "invalid CPU feature change \"{0}\": write +NAME to show a feature or -NAME to hide it"
     )]
     CpuFeatureSyntax(String),
+    #[error(transparent)]
+    Device(#[from] DeviceConfigError),
+    #[error("{0} virtio devices asked for; cove-vmm has interrupt lines for at most {max}", max = MAX_VIRTIO_DEVICES)]
+    TooManyDevices(usize),
 }
 
 /// Everything that describes one VM.
@@ -57,6 +67,17 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     #[serde(default)]
     pub seccomp: crate::seccomp::SeccompMode,
+    /// virtio-blk disks, in the order the guest finds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, in the order the guest finds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+    /// A virtio-rng device fed by the host's getrandom.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rng: bool,
 }
 
 /// What to boot.
@@ -272,7 +293,19 @@ impl VmConfig {
         if self.kernel.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
+        if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(self.virtio_device_count()));
+        }
+        devices::validate(&self.disks, &self.nets, self.vsock.as_ref())?;
         Ok(())
+    }
+
+    /// How many virtio devices the VM gets.
+    pub fn virtio_device_count(&self) -> usize {
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng)
     }
 }
 

@@ -36,6 +36,10 @@ pub const MMIO_HOLE_END: u64 = 1 << 32;
 /// The boot-timer device, first page of the MMIO hole.
 pub const BOOT_TIMER_START: u64 = MMIO_HOLE_START;
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
+/// The virtio-mmio devices, one 4 KiB region each, from here up.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// The IOAPIC pin of the first virtio device; the next ones follow (4 is COM1's, 0–3 legacy).
+pub const FIRST_VIRTIO_IRQ: u32 = 5;
 /// The in-kernel IOAPIC and the LAPIC base, as the MP table reports them.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
