@@ -326,3 +326,28 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// Starts `cove-vmm` in a network namespace of its own, so that a tap it creates (`--net
+/// ip=...`) and the address it gives the tap never appear on the host's network; the
+/// namespace goes away with cove-vmm. Needs root. The namespace is entered by a thread that
+/// exists only to start the VMM: the process it starts inherits the thread's namespaces, and
+/// the test's other threads stay where they were.
+pub fn start_vmm_in_own_network_namespace(arguments: &[&str]) -> Vmm {
+    let arguments: Vec<String> = arguments
+        .iter()
+        .map(|argument| argument.to_string())
+        .collect();
+    std::thread::spawn(move || {
+        // SAFETY: unshare() takes no pointers; CLONE_NEWNET moves only this thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!(
+                "cannot create a network namespace for the VM's tap (the test needs root): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+        Vmm::start(&arguments)
+    })
+    .join()
+    .expect("start cove-vmm in a network namespace")
+}

@@ -21,8 +21,14 @@
 //! cpu-online: apic=<APIC id>                            printed by each application processor
 //! cpus-online: <count, bootstrap processor included>
 //! boot-timer: written
+//! virtio...                                             only with virtio devices, see below
 //! cove-test-guest: done
 //! ```
+//!
+//! When the command line announces virtio-mmio devices (`virtio_mmio.device=`), the guest
+//! drives each of them after the boot timer, waiting for completions by interrupt: the
+//! `virtio:` and `virtio-<kind>:` lines are specified in `virtio/mod.rs` and in each driver
+//! (`virtio/block.rs`, `net.rs`, `vsock.rs`, `rng.rs`), the options in `command_line.rs`.
 //!
 //! followed by what `exit=` asks for (see `command_line.rs`): `exit=poweroff` prints
 //! `cove-test-guest: poweroff` and powers off through ACPI. Problems are reported on lines
@@ -41,6 +47,7 @@ mod boot_information;
 mod command_line;
 mod cpu;
 mod exit;
+mod interrupts;
 mod memory_builtins;
 mod mptable;
 mod serial;
@@ -48,6 +55,7 @@ mod smp;
 #[cfg(not(feature = "linux64"))]
 mod start_info;
 mod trampoline;
+mod virtio;
 #[cfg(feature = "linux64")]
 mod zero_page;
 
@@ -56,6 +64,9 @@ use boot_information::{BootInformation, MEMORY_TYPE_RAM};
 use command_line::Options;
 use mptable::{MpTable, MpTableError};
 use serial::{println, Console};
+
+/// The IOAPIC's architectural address, for when the ACPI tables are unusable.
+const DEFAULT_IOAPIC_ADDRESS: u32 = 0xfec0_0000;
 
 /// A one-byte write of [`BOOT_TIME_MARKER`] here makes cove's boot-timer device record the
 /// time the guest took to boot.
@@ -95,6 +106,10 @@ extern "C" fn guest_main(boot_information_address: u64) -> ! {
 
     write_boot_timer();
     Console::lock().text("boot-timer: written").end_line();
+    let ioapic_address = acpi
+        .as_ref()
+        .map_or(DEFAULT_IOAPIC_ADDRESS, |acpi| acpi.ioapic.address);
+    virtio::run(&options.virtio, ioapic_address);
     Console::lock().text("cove-test-guest: done").end_line();
     exit::perform(options.exit_action, options.tick_loops, acpi.as_ref())
 }

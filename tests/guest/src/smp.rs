@@ -46,15 +46,15 @@ static ONLINE_COUNT: AtomicU32 = AtomicU32::new(0);
 static ONLINE_BY_APIC_ID: [AtomicBool; MAX_PROCESSORS] =
     [const { AtomicBool::new(false) }; MAX_PROCESSORS];
 
-fn read_local_apic(register: usize) -> u32 {
+pub fn read_local_apic(register: usize) -> u32 {
     // SAFETY: the xAPIC page is identity-mapped uncached by the boot page tables, and the
     // register offsets used are architectural, 16-byte aligned 32-bit registers.
     unsafe { core::ptr::read_volatile((LOCAL_APIC_BASE + register) as *const u32) }
 }
 
-fn write_local_apic(register: usize, value: u32) {
+pub fn write_local_apic(register: usize, value: u32) {
     // SAFETY: as for `read_local_apic`; writes to these registers only configure this
-    // processor's APIC or send IPIs.
+    // processor's APIC, send IPIs or signal the end of an interrupt.
     unsafe { core::ptr::write_volatile((LOCAL_APIC_BASE + register) as *mut u32, value) }
 }
 
