@@ -563,3 +563,52 @@ fn all_four_devices_at_once() {
 fn all_four_devices_with_two_vcpus() {
     all_devices_at_once(2);
 }
+
+// ---- the notification path ----
+
+/// Queue notifications reach the devices through KVM ioeventfds, without a VM exit: the
+/// devices served the guest's requests, and no QueueNotify write ever reached a transport.
+#[test]
+fn queue_notifications_reach_the_devices_without_leaving_the_guest() {
+    require_kvm();
+    let _one_vm = ONE_VM_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let directory = scratch_dir("virtio-ioeventfd");
+    let image = disk_image(&directory, "disk.img");
+    let socket = directory.join("api.sock");
+    let guest = test_guest().to_str().expect("UTF-8 path").to_string();
+    let disk = format!("path={}", path(&image));
+    let cmdline = format!("exit=tick blk-write={WRITE_SECTOR}");
+    let vmm = Vmm::start(&[
+        "--kernel",
+        &guest,
+        "--cmdline",
+        &cmdline,
+        "--disk",
+        &disk,
+        "--rng",
+        "--api-socket",
+        path(&socket),
+    ]);
+    vmm.wait_for_console("virtio: done", TIMEOUT);
+    let (status, body) = cove_tests::api_request(&socket, "GET", "/api/v1/vm.info");
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).expect("vm.info is JSON");
+    let devices = info["virtio_devices"].as_array().expect("virtio_devices");
+    assert_eq!(devices.len(), 2, "{body}");
+    assert_eq!(devices[0]["type"], "block");
+    assert!(devices[0]["requests"].as_u64() >= Some(5), "{body}");
+    assert_eq!(devices[0]["failed_requests"], 0, "{body}");
+    assert_eq!(devices[1]["type"], "rng");
+    assert!(devices[1]["bytes_served"].as_u64() >= Some(128), "{body}");
+    for device in devices {
+        assert_eq!(device["queue_notify_exits"], 0, "{body}");
+        assert_eq!(device["ignored_register_accesses"], 0, "{body}");
+    }
+    let (status, _) = cove_tests::api_request(&socket, "PUT", "/api/v1/vm.shutdown");
+    assert_eq!(status, 204);
+    let finished = vmm.wait(TIMEOUT);
+    assert_eq!(finished.status.code(), Some(0), "{}", finished.stderr);
+    std::fs::remove_dir_all(directory).expect("clean up");
+}

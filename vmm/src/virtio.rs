@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use cove_devices::bus::lock;
 use cove_devices::virtio::net::{MacAddress, Net, Tap};
 use cove_devices::virtio::vsock::Vsock;
+use cove_devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use cove_devices::virtio::{
     Block, BlockConfig, MmioTransport, Rng, VirtioDevice, MMIO_REGION_SIZE,
 };
@@ -25,8 +26,6 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::VmConfig;
 use crate::x86_64::layout::{FIRST_VIRTIO_IRQ, VIRTIO_MMIO_START};
 
-/// Where the driver writes a queue's index to notify it (virtio-mmio's QueueNotify).
-const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioSetupError {
@@ -406,6 +405,10 @@ impl VirtioDevices {
                         object.insert(
                             "ignored_register_accesses".into(),
                             transport.ignored_accesses().into(),
+                        );
+                        object.insert(
+                            "queue_notify_exits".into(),
+                            transport.trapped_notifications().into(),
                         );
                         if let Some(error) = transport.activation_error() {
                             object.insert("error".into(), crate::describe_error(error).into());

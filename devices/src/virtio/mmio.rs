@@ -143,6 +143,7 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_select: u32,
     ignored_accesses: u64,
+    trapped_notifications: u64,
     activation_error: Option<VirtioError>,
 }
 
@@ -189,6 +190,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_select: 0,
             ignored_accesses: 0,
+            trapped_notifications: 0,
             activation_error: None,
         })
     }
@@ -212,6 +214,12 @@ impl MmioTransport {
     /// How many accesses were ignored because the driver broke the rules.
     pub fn ignored_accesses(&self) -> u64 {
         self.ignored_accesses
+    }
+
+    /// How many QueueNotify writes reached the transport. With the queue events registered as
+    /// ioeventfds none should: KVM signals the event without leaving the guest.
+    pub fn trapped_notifications(&self) -> u64 {
+        self.trapped_notifications
     }
 
     /// Why the device refused its last activation or stopped since, if it did (status then
@@ -314,6 +322,7 @@ impl MmioTransport {
                 };
                 // A full eventfd counter already means "notified"; nothing is lost.
                 let _ = event.write(1);
+                self.trapped_notifications += 1;
             }
             register::INTERRUPT_ACK => {
                 self.interrupt.status.fetch_and(!value, Ordering::AcqRel);

@@ -223,3 +223,28 @@ fn writing_zero_resets_everything_and_the_device_can_be_set_up_again() {
     driver.kick(0);
     assert_eq!(driver.take_used(0), vec![(u32::from(head), 16)]);
 }
+
+#[test]
+fn notifications_that_reach_the_transport_are_counted_and_a_failed_device_needs_a_reset() {
+    let (mut driver, _) = rng_driver();
+    driver.initialise(COMMON_FEATURES, 16);
+    assert_eq!(driver.transport.trapped_notifications(), 0);
+    driver.push_chain(0, &[Buffer::writable(DATA_START, 8)]);
+    driver.kick(0);
+    driver.kick(0);
+    assert_eq!(driver.transport.trapped_notifications(), 2);
+
+    assert!(!driver.transport.needs_reset());
+    driver
+        .transport
+        .device_failed(crate::virtio::VirtioError::NoSuchQueue { queue_index: 7 });
+    assert!(driver.transport.needs_reset());
+    assert_ne!(driver.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_eq!(
+        driver.read(offset::INTERRUPT_STATUS) & 2,
+        2,
+        "a configuration-change interrupt tells the driver"
+    );
+    driver.write(offset::STATUS, 0);
+    assert!(!driver.transport.needs_reset(), "a reset clears it");
+}
