@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use cove_tests::{built_by, host_is_kvm_pvm, require_kvm, scratch_dir, Vmm};
+use cove_tests::{
+    built_by, host_is_kvm_pvm, require_kvm, scratch_dir, start_vmm_in_own_network_namespace,
+};
 
 /// Generous: on kvm-pvm a boot takes minutes, and CI machines are shared.
 const LINUX_TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -61,7 +63,7 @@ fn project_kernel_uses_virtio_disk_network_and_vsock() {
     let disk_option = format!("path={}", path(&disk));
     let net_option = format!("ip={HOST_ADDRESS},mask=255.255.255.0");
     let vsock_option = format!("cid=3,socket={}", path(&vsock_socket));
-    let vmm = start_in_own_network_namespace(&[
+    let vmm = start_vmm_in_own_network_namespace(&[
         "--kernel",
         &path(&kernel),
         "--cpus",
@@ -184,31 +186,6 @@ fn project_kernel_uses_virtio_disk_network_and_vsock() {
         "/from-guest in the disk image"
     );
     let _ = std::fs::remove_dir_all(&scratch);
-}
-
-/// Starts cove-vmm in a new network namespace, so that the tap it creates and the address it
-/// gives the tap stay out of the host's network. The namespace is entered by a thread that
-/// exists only to start the VMM: a thread's namespaces are inherited by the processes it
-/// starts, and the test's own threads stay where they were. The namespace goes away with
-/// cove-vmm.
-fn start_in_own_network_namespace(arguments: &[&str]) -> Vmm {
-    let arguments: Vec<String> = arguments
-        .iter()
-        .map(|argument| argument.to_string())
-        .collect();
-    std::thread::spawn(move || {
-        // SAFETY: unshare() takes no pointers; it moves only this thread.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            panic!(
-                "cannot create a network namespace for the VM's tap (the test needs root): {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-        Vmm::start(&arguments)
-    })
-    .join()
-    .expect("start cove-vmm in a network namespace")
 }
 
 /// Listens at `path` for one connection, reads a line, answers `from-host: <line>`; the line

@@ -67,7 +67,8 @@ fn fill_random(memory: &GuestMemoryMmap, address: GuestAddress, len: u32) -> u32
     written
 }
 
-fn getrandom(buffer: &mut [u8]) -> std::io::Result<()> {
+/// Fills `buffer` from the host's `getrandom(2)`, retrying when a signal interrupts it.
+pub(crate) fn getrandom(buffer: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buffer.len() {
         let rest = &mut buffer[filled..];

@@ -4,6 +4,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::virtio::rng::getrandom;
+
 /// A unicast Ethernet address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MacAddress([u8; 6]);
@@ -99,25 +101,6 @@ impl fmt::Display for MacAddress {
         let [a, b, c, d, e, f] = self.0;
         write!(formatter, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
     }
-}
-
-fn getrandom(buffer: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        let rest = &mut buffer[filled..];
-        // SAFETY: the pointer and length describe `rest`, a live, writable slice that the call
-        // fills at most to its length; no other reference to it exists during the call.
-        let result = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if result < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        filled += result as usize;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
