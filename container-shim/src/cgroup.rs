@@ -251,6 +251,15 @@ impl Cgroup {
         Ok(cgroup)
     }
 
+    /// The cgroup `<parent>/<name>` as another process created it (a container whose monitor
+    /// is gone), to read or remove it; creates nothing.
+    pub fn existing(layout: CgroupLayout, parent: &str, name: &str) -> Self {
+        Self {
+            layout,
+            relative: Path::new(parent).join(name),
+        }
+    }
+
     /// The cgroup's path below each hierarchy's mount point, such as `cove/web`.
     pub fn relative(&self) -> &Path {
         &self.relative

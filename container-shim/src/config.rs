@@ -52,6 +52,28 @@ pub enum ConfigError {
     IdMapOverflow { base: u32, size: u32 },
     #[error("invalid id map: an unprivileged container needs at least 65536 ids, got {0}")]
     IdMapTooSmall(u32),
+    #[error("invalid security.idmap.shift \"{0}\": expected auto, idmapped or chown")]
+    IdShift(String),
+    #[error(
+        "unknown nic device key \"{0}\": cove knows type, nictype, parent, hwaddr, name, mtu \
+         and host_name"
+    )]
+    UnknownNicKey(String),
+    #[error(
+        "unsupported nic device {key}=\"{value}\": cove supports type=nic with nictype=bridged"
+    )]
+    NicType { key: String, value: String },
+    #[error("a bridged nic needs parent=<bridge>: name the host bridge it joins")]
+    NicWithoutParent,
+    #[error(
+        "invalid interface name {key}=\"{value}\": use 1 to 15 characters without spaces, \
+         slashes or colons"
+    )]
+    InterfaceName { key: String, value: String },
+    #[error("invalid hwaddr \"{0}\": expected a unicast MAC address such as 00:16:3e:12:34:56")]
+    MacAddress(String),
+    #[error("invalid mtu \"{0}\": expected a number from 68 to 65535")]
+    Mtu(String),
 }
 
 /// Everything that describes one system container.
@@ -70,6 +92,17 @@ pub struct ContainerConfig {
     pub limits: Limits,
     pub network: Network,
     pub init: InitSystem,
+    /// `security.nesting=true`: what a nested container runtime (or Kubernetes' kubelet)
+    /// needs inside: unobstructed proc and sysfs mounts, so that nested user namespaces may
+    /// mount their own, and a `/dev/kmsg`.
+    pub nesting: bool,
+    /// LXD's `security.syscalls.deny_*` keys: which seccomp deny lists apply.
+    pub syscalls: SyscallPolicy,
+    /// How the container's root is made from the image: overlayfs or a btrfs snapshot.
+    pub snapshot: SnapshotMethod,
+    /// How an unprivileged container's files come to belong to its ids
+    /// (`security.idmap.shift`).
+    pub id_shift: IdShift,
 }
 
 /// Resource limits, applied through the container's cgroup.
@@ -95,12 +128,226 @@ pub enum CpuAllowance {
 /// The container's network.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Network {
-    /// Its own network namespace with only a loopback device.
+    /// Its own network namespace with only a loopback device (up).
     #[default]
     None,
-    /// A veth pair: the host end joins `bridge`, the container end is `eth0` with `mac`.
-    /// Not implemented yet: starting a container with it is refused.
-    Veth { bridge: String, mac: [u8; 6] },
+    /// LXD's bridged nic: a veth pair whose host end joins a bridge.
+    Bridged(BridgedNic),
+}
+
+/// LXD's `nictype=bridged` nic device: a veth pair whose host end (`veth` and eight random
+/// hex digits, or `host_name`) joins the bridge `parent`, and whose other end is `name`
+/// (`eth0`) inside the container with the MAC address `hwaddr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgedNic {
+    /// The host bridge (`parent=`).
+    pub parent: String,
+    /// The container end's MAC address (`hwaddr=`).
+    pub hwaddr: [u8; 6],
+    /// The interface's name inside the container (`name=`, default `eth0`).
+    pub name: String,
+    /// The container end's MTU (`mtu=`); the bridge's when `None`. The host end always takes
+    /// the bridge's, so as never to lower it.
+    pub mtu: Option<u32>,
+    /// The host end's name (`host_name=`); `None` picks `veth<random>` at each start.
+    pub host_name: Option<String>,
+}
+
+/// Which of LXD's seccomp deny lists apply (`security.syscalls.deny_default`, on by default;
+/// `security.syscalls.deny_compat`, off by default). See `seccomp` for what they refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyscallPolicy {
+    pub deny_default: bool,
+    pub deny_compat: bool,
+}
+
+impl Default for SyscallPolicy {
+    fn default() -> Self {
+        Self {
+            deny_default: true,
+            deny_compat: false,
+        }
+    }
+}
+
+/// The MAC prefix LXD gives the addresses it makes up (Xensource's OUI, 00:16:3e).
+pub const LXD_MAC_PREFIX: [u8; 3] = [0x00, 0x16, 0x3e];
+
+impl BridgedNic {
+    /// A nic on `parent` named `eth0`, with a made-up `00:16:3e:xx:xx:xx` MAC address as LXD
+    /// makes them.
+    pub fn new(parent: &str) -> Self {
+        let mut random = [0u8; 3];
+        fill_random(&mut random);
+        Self {
+            parent: parent.to_string(),
+            hwaddr: [
+                LXD_MAC_PREFIX[0],
+                LXD_MAC_PREFIX[1],
+                LXD_MAC_PREFIX[2],
+                random[0],
+                random[1],
+                random[2],
+            ],
+            name: "eth0".to_string(),
+            mtu: None,
+            host_name: None,
+        }
+    }
+
+    /// The nic from an LXD nic device's keys (`type=nic`, `nictype=bridged`, `parent`, and
+    /// optionally `hwaddr`, `name`, `mtu`, `host_name`), validated. Without `hwaddr` a MAC is
+    /// made up: the caller should keep it (LXD stores it as `volatile.<name>.hwaddr`).
+    pub fn from_device(keys: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let parent = keys
+            .get("parent")
+            .map(|value| value.trim())
+            .ok_or(ConfigError::NicWithoutParent)?;
+        let mut nic = Self::new(parent);
+        for (key, value) in keys {
+            let value = value.trim();
+            let refuse_type = || ConfigError::NicType {
+                key: key.clone(),
+                value: value.to_string(),
+            };
+            match key.as_str() {
+                "type" if value != "nic" => return Err(refuse_type()),
+                "nictype" if value != "bridged" => return Err(refuse_type()),
+                "type" | "nictype" | "parent" => {}
+                "hwaddr" => nic.hwaddr = parse_mac(value)?,
+                "name" => nic.name = value.to_string(),
+                "mtu" => {
+                    nic.mtu = Some(
+                        value
+                            .parse()
+                            .map_err(|_| ConfigError::Mtu(value.to_string()))?,
+                    )
+                }
+                "host_name" => nic.host_name = Some(value.to_string()),
+                _ => return Err(ConfigError::UnknownNicKey(key.clone())),
+            }
+        }
+        if !keys.contains_key("nictype") {
+            return Err(ConfigError::NicType {
+                key: "nictype".to_string(),
+                value: String::new(),
+            });
+        }
+        nic.validate()?;
+        Ok(nic)
+    }
+
+    /// The MAC address as LXD writes it: `00:16:3e:12:34:56`.
+    pub fn hwaddr_text(&self) -> String {
+        format_mac(&self.hwaddr)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("parent", Some(&self.parent)),
+            ("name", Some(&self.name)),
+            ("host_name", self.host_name.as_ref()),
+        ] {
+            if let Some(value) = value {
+                if !is_valid_interface_name(value) {
+                    return Err(ConfigError::InterfaceName {
+                        key: key.to_string(),
+                        value: value.clone(),
+                    });
+                }
+            }
+        }
+        // Bit 0 of the first byte marks a multicast address; all zeros is no address.
+        if self.hwaddr[0] & 1 != 0 || self.hwaddr == [0; 6] {
+            return Err(ConfigError::MacAddress(self.hwaddr_text()));
+        }
+        if let Some(mtu) = self.mtu {
+            if !(68..=65535).contains(&mtu) {
+                return Err(ConfigError::Mtu(mtu.to_string()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Linux interface name: 1 to 15 bytes (IFNAMSIZ less the NUL), none of them a slash, a
+/// colon or white space, and not `.` or `..`.
+pub fn is_valid_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_graphic() && byte != b'/' && byte != b':')
+}
+
+/// Parses `00:16:3e:12:34:56` (or with dashes).
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let error = || ConfigError::MacAddress(text.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = text.split([':', '-']);
+    for byte in &mut mac {
+        let part = parts.next().ok_or_else(error)?;
+        if part.len() != 2 || !part.bytes().all(|digit| digit.is_ascii_hexdigit()) {
+            return Err(error());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| error())?;
+    }
+    if parts.next().is_some() || mac[0] & 1 != 0 || mac == [0; 6] {
+        return Err(error());
+    }
+    Ok(mac)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Fills `bytes` from the kernel's random pool (getrandom(2)); a failure, which only very
+/// early boot could cause, leaves the clock's nanoseconds there instead.
+pub(crate) fn fill_random(bytes: &mut [u8]) {
+    // SAFETY: `bytes` is live and writable for its whole length.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if usize::try_from(filled).ok() != Some(bytes.len()) {
+        let nanoseconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos()
+            .to_ne_bytes();
+        for (byte, noise) in bytes.iter_mut().zip(nanoseconds.iter().cycle()) {
+            *byte = *noise;
+        }
+    }
+}
+
+/// How the container's root is made from its image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SnapshotMethod {
+    /// A btrfs snapshot where the image is a btrfs subvolume and the containers directory is
+    /// on the same btrfs file system (a storage pool holding both, as LXD's), else overlayfs.
+    #[default]
+    Detect,
+    /// An overlayfs snapshot with the image as its lower layer.
+    Overlay,
+    /// A btrfs snapshot of the image, which must be a subvolume on the file system of the
+    /// containers directory.
+    Btrfs,
+}
+
+/// How an unprivileged container's files come to belong to its ids.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IdShift {
+    /// An idmapped mount of the image, or of the snapshot; where the kernel or the image's
+    /// file system refuses one, the one-time chown of the snapshot (`auto`).
+    #[default]
+    Auto,
+    /// An idmapped mount only: starting fails where it is refused (`idmapped`).
+    Idmapped,
+    /// The one-time chown of the snapshot, even where an idmapped mount would work (`chown`).
+    Chown,
 }
 
 /// Which init the image runs, which decides how it is asked to shut down.
@@ -127,6 +374,10 @@ impl ContainerConfig {
             limits: Limits::default(),
             network: Network::None,
             init: InitSystem::Detect,
+            nesting: false,
+            syscalls: SyscallPolicy::default(),
+            snapshot: SnapshotMethod::Detect,
+            id_shift: IdShift::Auto,
         }
     }
 
@@ -165,8 +416,23 @@ impl ContainerConfig {
                     )
                 }
                 "security.privileged" => config.privileged = parse_boolean(key, value)?,
+                "security.nesting" => config.nesting = parse_boolean(key, value)?,
+                "security.syscalls.deny_default" => {
+                    config.syscalls.deny_default = parse_boolean(key, value)?
+                }
+                "security.syscalls.deny_compat" => {
+                    config.syscalls.deny_compat = parse_boolean(key, value)?
+                }
                 "security.idmap.base" => id_map_base = Some(parse_number(key, value)?),
                 "security.idmap.size" => id_map_size = Some(parse_number(key, value)?),
+                "security.idmap.shift" => {
+                    config.id_shift = match value {
+                        "auto" => IdShift::Auto,
+                        "idmapped" => IdShift::Idmapped,
+                        "chown" => IdShift::Chown,
+                        _ => return Err(ConfigError::IdShift(value.to_string())),
+                    }
+                }
                 "user.hostname" => config.hostname = value.to_string(),
                 _ => return Err(ConfigError::UnknownKey(key.clone())),
             }
@@ -219,6 +485,9 @@ impl ContainerConfig {
                     return Err(ConfigError::IdMapTooSmall(range.size));
                 }
             }
+        }
+        if let Network::Bridged(nic) = &self.network {
+            nic.validate()?;
         }
         Ok(())
     }
@@ -362,6 +631,14 @@ mod tests {
         );
         assert!(!config.privileged);
         assert_eq!(config.hostname, "web");
+        assert_eq!(config.id_shift, IdShift::Auto);
+        let shifted = ContainerConfig::from_keys(
+            "web",
+            &rootfs.0,
+            &keys(&[("security.idmap.shift", "chown")]),
+        )
+        .expect("valid keys");
+        assert_eq!(shifted.id_shift, IdShift::Chown);
     }
 
     #[test]
@@ -392,6 +669,107 @@ mod tests {
         assert!(refused(&[("limits.colour", "blue")]).contains("unknown configuration key"));
         assert!(refused(&[("security.idmap.size", "1000")]).contains("at least 65536"));
         assert!(refused(&[("security.idmap.base", "4294967000")]).contains("largest id"));
+        assert!(refused(&[("security.idmap.shift", "shiftfs")]).contains("auto, idmapped or chown"));
+    }
+
+    #[test]
+    fn security_keys_become_typed_settings() {
+        let rootfs = rootfs("security");
+        let config = ContainerConfig::from_keys(
+            "web",
+            &rootfs.0,
+            &keys(&[
+                ("security.nesting", "true"),
+                ("security.syscalls.deny_default", "false"),
+                ("security.syscalls.deny_compat", "true"),
+            ]),
+        )
+        .expect("valid keys");
+        assert!(config.nesting);
+        assert_eq!(
+            config.syscalls,
+            SyscallPolicy {
+                deny_default: false,
+                deny_compat: true
+            }
+        );
+        let defaults = ContainerConfig::new("web", &rootfs.0);
+        assert!(!defaults.nesting);
+        assert_eq!(defaults.syscalls, SyscallPolicy::default());
+        assert!(defaults.syscalls.deny_default && !defaults.syscalls.deny_compat);
+        let refused =
+            ContainerConfig::from_keys("web", &rootfs.0, &keys(&[("security.nesting", "1")]))
+                .expect_err("not a boolean");
+        assert!(
+            refused.to_string().contains("security.nesting"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn an_lxd_bridged_nic_device_becomes_a_typed_nic() {
+        let nic = BridgedNic::from_device(&keys(&[
+            ("type", "nic"),
+            ("nictype", "bridged"),
+            ("parent", "covebr0"),
+            ("hwaddr", "00:16:3E:aa:bb:0c"),
+            ("mtu", "1400"),
+            ("host_name", "vethweb"),
+        ]))
+        .expect("a valid device");
+        assert_eq!(nic.parent, "covebr0");
+        assert_eq!(nic.hwaddr, [0x00, 0x16, 0x3e, 0xaa, 0xbb, 0x0c]);
+        assert_eq!(nic.hwaddr_text(), "00:16:3e:aa:bb:0c");
+        assert_eq!(nic.name, "eth0");
+        assert_eq!(nic.mtu, Some(1400));
+        assert_eq!(nic.host_name.as_deref(), Some("vethweb"));
+
+        let generated =
+            BridgedNic::from_device(&keys(&[("nictype", "bridged"), ("parent", "br0")]))
+                .expect("hwaddr is optional");
+        assert_eq!(generated.hwaddr[..3], LXD_MAC_PREFIX);
+        assert_eq!(generated.mtu, None);
+
+        let refused = |pairs: &[(&str, &str)]| {
+            BridgedNic::from_device(&keys(pairs))
+                .expect_err("must be refused")
+                .to_string()
+        };
+        let bridged = [("nictype", "bridged"), ("parent", "br0")];
+        let with = |extra: (&'static str, &'static str)| {
+            let mut pairs = bridged.to_vec();
+            pairs.push(extra);
+            pairs
+        };
+        assert!(refused(&[("nictype", "bridged")]).contains("parent="));
+        assert!(refused(&[("parent", "br0")]).contains("nictype"));
+        assert!(refused(&[("nictype", "macvlan"), ("parent", "br0")]).contains("macvlan"));
+        assert!(refused(&with(("type", "disk"))).contains("type=\"disk\""));
+        assert!(refused(&with(("hwaddr", "01:16:3e:00:00:01"))).contains("unicast"));
+        assert!(refused(&with(("hwaddr", "00:16:3e:00:00"))).contains("hwaddr"));
+        assert!(refused(&with(("hwaddr", "00:16:3e:00:00:+1"))).contains("hwaddr"));
+        assert!(refused(&with(("mtu", "9"))).contains("mtu"));
+        assert!(refused(&with(("mtu", "lots"))).contains("mtu"));
+        assert!(refused(&with(("name", "a/b"))).contains("name=\"a/b\""));
+        assert!(refused(&with(("host_name", "a-very-long-name0"))).contains("host_name"));
+        assert!(refused(&with(("ipv4.address", "10.0.0.2"))).contains("unknown nic device key"));
+    }
+
+    #[test]
+    fn interface_names_and_macs() {
+        for good in ["eth0", "veth1a2b3c4d", "a", "br-lan.10"] {
+            assert!(is_valid_interface_name(good), "{good}");
+        }
+        for bad in ["", ".", "..", "eth 0", "a:b", "a/b", "sixteen-chars-xx"] {
+            assert!(!is_valid_interface_name(bad), "{bad}");
+        }
+        assert_eq!(parse_mac("00-16-3e-01-02-03"), Ok([0, 0x16, 0x3e, 1, 2, 3]));
+        assert!(parse_mac("00:00:00:00:00:00").is_err());
+        assert!(parse_mac("00:16:3e:01:02:03:04").is_err());
+        assert_eq!(
+            format_mac(&[0, 0x16, 0x3e, 0xab, 2, 3]),
+            "00:16:3e:ab:02:03"
+        );
     }
 
     #[test]

@@ -8,20 +8,26 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{Cgroup, CgroupError, CgroupLayout};
 use crate::config::{ConfigError, ContainerConfig, InitSystem, Network};
-use crate::console::{Console, ConsoleError};
+use crate::confinement::Confinement;
+use crate::console::{Console, ConsoleError, ConsoleLogger};
 use crate::filesystem::FilesystemPlan;
 use crate::idmap::{IdMap, IdMapError};
 use crate::init::InitProgram;
 use crate::kernel;
+use crate::network::{self, HostInterface, InterfaceAddress, NetworkError, NicPlan};
 use crate::rootfs::{self, RootfsError, Snapshot};
+use crate::seccomp::SeccompError;
 
 /// The tty group inside the container (Debian's and busybox's `tty` is gid 5).
-const TTY_GROUP: u32 = 5;
+pub(crate) const TTY_GROUP: u32 = 5;
+/// The console's log of the current boot, in the container's directory.
+pub const CONSOLE_LOG: &str = "console.log";
+/// The previous boot's console log.
+pub const PREVIOUS_CONSOLE_LOG: &str = "console.log.1";
 /// How long removing a cgroup waits for the processes of a stopped container to be gone.
 const CGROUP_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -33,8 +39,10 @@ pub enum ContainerError {
     NotRoot,
     #[error("container \"{0}\" already exists: choose another name or delete it first")]
     NameTaken(String),
-    #[error("veth networking is not implemented yet: start the container with Network::None")]
-    NetworkNotImplemented,
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("cannot create the container directory {path}: {source}")]
     Directory {
         path: PathBuf,
@@ -97,6 +105,8 @@ impl Default for Host {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Running,
+    /// Running, but every process is frozen by the cgroup freezer (`Container::freeze`).
+    Frozen,
     Stopped,
 }
 
@@ -114,6 +124,9 @@ pub struct ContainerState {
     pub cpu_time: Option<Duration>,
     /// The init's exit code (128 + signal when killed) once it stopped.
     pub exit_code: Option<i32>,
+    /// The addresses inside the container's network namespace while it runs (`lo`'s
+    /// included), read over rtnetlink from there; empty when stopped or unreadable.
+    pub addresses: Vec<InterfaceAddress>,
 }
 
 /// How `stop()` ended the container.
@@ -138,7 +151,11 @@ pub struct Container {
     init_pidfd: OwnedFd,
     exit_code: Option<i32>,
     console_controller: OwnedFd,
-    console_logger: Option<JoinHandle<()>>,
+    console_logger: Option<ConsoleLogger>,
+    /// What confines init, and every command `exec` starts.
+    confinement: Confinement,
+    /// The host end of the bridged nic's veth pair.
+    host_interface: Option<HostInterface>,
 }
 
 /// Undoes a half-done start when dropped before `disarm`.
@@ -147,6 +164,7 @@ struct StartGuard {
     cgroup: Option<Cgroup>,
     snapshot_root: Option<PathBuf>,
     child: Option<libc::pid_t>,
+    host_interface: Option<HostInterface>,
 }
 
 impl Drop for StartGuard {
@@ -156,6 +174,9 @@ impl Drop for StartGuard {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let _ = kernel::wait_for_exit(pid);
         }
+        if let Some(interface) = &self.host_interface {
+            let _ = interface.remove();
+        }
         if let Some(cgroup) = &self.cgroup {
             let _ = cgroup.remove(CGROUP_PATIENCE);
         }
@@ -163,6 +184,7 @@ impl Drop for StartGuard {
             let _ = rootfs::unmount_if_mounted(root);
         }
         if let Some(directory) = &self.directory {
+            let _ = rootfs::remove_snapshot(directory);
             let _ = std::fs::remove_dir_all(directory);
         }
     }
@@ -170,15 +192,21 @@ impl Drop for StartGuard {
 
 impl Container {
     /// Creates and starts the container described by `config`, returning once its init runs.
+    /// A stopped container's directory (from an earlier start, with its `snapshot.json`) is
+    /// started again with the files it had; the first start makes it, `delete` removes it.
     pub fn start(config: &ContainerConfig, host: &Host) -> Result<Self, ContainerError> {
         config.validate()?;
-        if let Network::Veth { .. } = config.network {
-            return Err(ContainerError::NetworkNotImplemented);
-        }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(ContainerError::NotRoot);
         }
+        let confinement = Confinement::for_config(config)?;
+        // The bridge is looked up (in the calling thread's network namespace) before anything
+        // is created.
+        let nic_plan = match &config.network {
+            Network::None => None,
+            Network::Bridged(nic) => Some(NicPlan::prepare(nic)?),
+        };
         let id_map = match (config.privileged, config.id_map) {
             (true, _) => None,
             (false, Some(map)) => Some(map),
@@ -197,17 +225,27 @@ impl Container {
             source,
         };
         std::fs::create_dir_all(&host.containers_directory).map_err(directory_error)?;
-        match std::fs::create_dir(&directory) {
+        // A stopped container's directory is started again, on the snapshot its first start
+        // made; a running one, or a directory that is no container's, is a name clash.
+        let restart = match std::fs::create_dir(&directory) {
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(ContainerError::NameTaken(config.name.clone()))
+                if !rootfs::is_container_directory(&directory) || rootfs::is_mounted(&directory) {
+                    return Err(ContainerError::NameTaken(config.name.clone()));
+                }
+                true
             }
-            result => result.map_err(directory_error)?,
-        }
+            result => {
+                result.map_err(directory_error)?;
+                false
+            }
+        };
         let mut guard = StartGuard {
-            directory: Some(directory.clone()),
+            // A failed restart must leave the container's files where they are.
+            directory: (!restart).then(|| directory.clone()),
             cgroup: None,
             snapshot_root: None,
             child: None,
+            host_interface: None,
         };
 
         let cgroup = Cgroup::create(CgroupLayout::detect()?, &host.cgroup_parent, &config.name)?;
@@ -215,13 +253,34 @@ impl Container {
         cgroup.apply_limits(&config.limits)?;
 
         guard.snapshot_root = Some(directory.join(rootfs::ROOT));
-        let snapshot = Snapshot::mount(&config.rootfs, &directory, id_map.as_ref())?;
+        let snapshot = Snapshot::mount(
+            &config.rootfs,
+            &directory,
+            id_map.as_ref(),
+            config.snapshot,
+            config.id_shift,
+        )?;
 
         let console = Console::open(root_uid, root_gid + TTY_GROUP)?;
-        let console_logger = console.log_to(&directory.join("console.log"))?;
+        let console_log = directory.join(CONSOLE_LOG);
+        if restart {
+            // One log per boot, as LXD's: the previous boot's is kept beside it.
+            let _ = std::fs::rename(&console_log, directory.join(PREVIOUS_CONSOLE_LOG));
+        }
+        let console_logger = console.log_to(&console_log)?;
 
-        let plan = FilesystemPlan::new(&snapshot.root, &console.terminal_path, cgroup.layout());
-        let program = InitProgram::new(plan, &snapshot.root, &config.hostname, id_map.is_some());
+        let mut plan = FilesystemPlan::new(&snapshot.root, &console.terminal_path, cgroup.layout());
+        if config.nesting {
+            plan.add_nesting_mounts(&snapshot.root, kmsg_source(config.privileged));
+        }
+        let mut program =
+            InitProgram::new(plan, &snapshot.root, &config.hostname, id_map.is_some());
+        if let Some(nic) = &nic_plan {
+            program
+                .interfaces
+                .push(crate::network::interface_name(nic.container_name()));
+        }
+        program.confinement = confinement.clone();
         let spawn_error = |step| move |source| ContainerError::Spawn { step, source };
         let (release_read, release_write) = kernel::pipe().map_err(spawn_error("pipe"))?;
         let (report_read, report_write) = kernel::pipe().map_err(spawn_error("pipe"))?;
@@ -253,6 +312,10 @@ impl Container {
             cgroup.delegate(root_uid, root_gid)?;
         }
         cgroup.add_process(pid)?;
+        raise_open_file_limit(pid);
+        if let Some(nic) = nic_plan {
+            guard.host_interface = Some(nic.attach(pid)?);
+        }
         kernel::write_all(release_write.as_raw_fd(), &[1])
             .map_err(|errno| spawn_error("release")(io::Error::from_raw_os_error(errno)))?;
         drop(release_write);
@@ -281,6 +344,7 @@ impl Container {
         guard.child = None;
         guard.snapshot_root = None;
         guard.directory = None;
+        let host_interface = guard.host_interface.take();
         Ok(Self {
             name: config.name.clone(),
             directory,
@@ -293,6 +357,8 @@ impl Container {
             exit_code: None,
             console_controller: console.controller,
             console_logger: Some(console_logger),
+            confinement,
+            host_interface,
         })
     }
 
@@ -307,12 +373,18 @@ impl Container {
 
     /// Where the console's output is collected.
     pub fn console_log(&self) -> PathBuf {
-        self.directory.join("console.log")
+        self.directory.join(CONSOLE_LOG)
     }
 
-    /// The snapshot's upper directory: every file the container created or changed.
+    /// The container's own files as the host stores them: the overlay's upper directory
+    /// (every file the container created or changed), or the whole btrfs snapshot.
     pub fn upper_directory(&self) -> &Path {
         &self.snapshot.upper
+    }
+
+    /// How the container's root was made, and how its files came to belong to its ids.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
     }
 
     /// The snapshot as mounted on the host.
@@ -338,6 +410,17 @@ impl Container {
         &self.console_controller
     }
 
+    /// The name of the host end of the container's veth pair (LXD's
+    /// `volatile.<nic>.host_name`) while it runs with a bridged nic.
+    pub fn host_interface(&self) -> Option<&str> {
+        self.host_interface.as_ref().map(HostInterface::name)
+    }
+
+    /// What confines the container's processes: exec applies it to each command.
+    pub(crate) fn confinement(&self) -> &Confinement {
+        &self.confinement
+    }
+
     /// The init's host pid while it runs.
     pub fn init_pid(&self) -> Option<u32> {
         self.exit_code.is_none().then_some(self.init_pid as u32)
@@ -356,16 +439,22 @@ impl Container {
         self.refresh();
         let running = self.exit_code.is_none();
         ContainerState {
-            status: if running {
-                Status::Running
-            } else {
+            status: if !running {
                 Status::Stopped
+            } else if self.cgroup.is_frozen() {
+                Status::Frozen
+            } else {
+                Status::Running
             },
             init_pid: self.init_pid(),
             memory_bytes: running.then(|| self.cgroup.memory_usage().ok()).flatten(),
             processes: running.then(|| self.cgroup.process_count().ok()).flatten(),
             cpu_time: running.then(|| self.cgroup.cpu_time().ok()).flatten(),
             exit_code: self.exit_code,
+            addresses: self
+                .init_pid()
+                .and_then(|pid| network::addresses_of(pid).ok())
+                .unwrap_or_default(),
         }
     }
 
@@ -376,6 +465,10 @@ impl Container {
         self.refresh();
         let mut clean = false;
         if self.exit_code.is_none() {
+            // Frozen tasks act on no signal (a v1 freezer holds back even SIGKILL).
+            if self.cgroup.is_frozen() {
+                let _ = self.cgroup.thaw();
+            }
             let halt = match self.init_system {
                 InitSystem::Systemd => libc::SIGRTMIN() + 3,
                 InitSystem::Classic | InitSystem::Detect => libc::SIGPWR,
@@ -403,6 +496,7 @@ impl Container {
     /// mount and directory.
     pub fn delete(mut self) -> Result<(), ContainerError> {
         self.stop(Duration::ZERO)?;
+        rootfs::remove_snapshot(&self.directory)?;
         std::fs::remove_dir_all(&self.directory).map_err(|source| ContainerError::Remove {
             path: self.directory.clone(),
             source,
@@ -440,15 +534,56 @@ impl Container {
     /// Removes the cgroup and unmounts the snapshot of a stopped container.
     fn release(&mut self) -> Result<(), ContainerError> {
         self.cgroup.remove(CGROUP_PATIENCE)?;
+        if let Some(interface) = &self.host_interface {
+            interface.remove()?;
+        }
+        self.host_interface = None;
         self.snapshot.unmount()?;
         if let Some(logger) = self.console_logger.take() {
-            // The logger ends when the last terminal end closes, which the container's end
-            // does as its processes die; do not hang on a straggler.
-            if logger.is_finished() {
-                let _ = logger.join();
-            }
+            logger.stop();
         }
         Ok(())
+    }
+}
+
+/// Lets the init of a container raise its open-file limit as far as the kernel allows, as the
+/// first process of a host may: inside a user namespace it cannot raise the hard limit it
+/// inherited, and systemd and dbus-daemon ask for more (dbus: "Failed to set fd limit to
+/// 65536"). LXD's containers get the same from its service's `LimitNOFILE=1048576`.
+/// Best effort: the container runs with the inherited limit if this fails.
+fn raise_open_file_limit(pid: libc::pid_t) {
+    let kernel_maximum = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(1 << 20);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on our own child; a null new limit only reads into the live `limit`.
+    if unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut limit) } != 0 {
+        return;
+    }
+    limit.rlim_max = limit.rlim_max.max(kernel_maximum);
+    // SAFETY: as above; the kernel only reads `limit`.
+    unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+}
+
+/// What a nesting container sees as `/dev/kmsg`. kubelet will not start unless it can open
+/// it for reading. Reading the host's kernel log needs CAP_SYSLOG over the host when the host
+/// sets `kernel.dmesg_restrict=1` (Debian's default), which an unprivileged container's root
+/// lacks: it then gets `/dev/null` there, which opens and reads as an empty log (kubelet then
+/// sees no OOM-kill lines, as with no OOM kills). A privileged container, or any container on a
+/// host with `kernel.dmesg_restrict=0`, gets the host's `/dev/kmsg`, which its root may read
+/// but, unless privileged, not write (the node is mode 0644, owned by host root).
+fn kmsg_source(privileged: bool) -> &'static Path {
+    let restricted = std::fs::read_to_string("/proc/sys/kernel/dmesg_restrict")
+        .map(|text| text.trim() != "0")
+        .unwrap_or(true);
+    if privileged || !restricted {
+        Path::new("/dev/kmsg")
+    } else {
+        Path::new("/dev/null")
     }
 }
 

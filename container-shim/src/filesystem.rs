@@ -251,6 +251,53 @@ impl FilesystemPlan {
         }
     }
 
+    /// `security.nesting`: what nested container runtimes and kubelet need beyond the usual
+    /// mounts, as LXD gives it.
+    ///
+    /// - A second `proc` at `/dev/.lxc/proc` and `sysfs` at `/dev/.lxc/sys`, with nothing
+    ///   mounted over them (LXD's `lxc.mount.entry` lines for nesting). A nested runtime that
+    ///   makes a *user* namespace (nested LXD, rootless or user-namespaced containers) may only
+    ///   mount a fresh proc or sysfs if one is already fully visible in its mount namespace
+    ///   (the kernel's `mount_too_revealing`); there every mount it inherited is locked, and
+    ///   the read-only overmounts on `/proc/sys` make the container's own `/proc` count as
+    ///   hidden. (Without a new user namespace, `unshare -m -p --mount-proc` works anyway.)
+    /// - `/dev/kmsg` bound from `kmsg_source`: kubelet refuses to start without a readable
+    ///   one (its OOM watcher); see `container::kmsg_source`.
+    pub fn add_nesting_mounts(&mut self, root: &Path, kmsg_source: &Path) {
+        let under = |relative: &str| c_path(&root.join(relative));
+        let restricted = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        for directory in ["dev/.lxc", "dev/.lxc/proc", "dev/.lxc/sys"] {
+            self.steps.push(Step::MakeDirectory {
+                path: under(directory),
+            });
+        }
+        self.mount(
+            Some(text("proc")),
+            under("dev/.lxc/proc"),
+            Some("proc"),
+            restricted,
+            None,
+        );
+        self.mount(
+            Some(text("sysfs")),
+            under("dev/.lxc/sys"),
+            Some("sysfs"),
+            restricted,
+            None,
+        );
+        self.steps.push(Step::CreateFile {
+            path: under("dev/kmsg"),
+        });
+        self.steps.push(Step::Mount {
+            source: Some(c_path(kmsg_source)),
+            target: under("dev/kmsg"),
+            file_system: None,
+            flags: libc::MS_BIND,
+            data: None,
+            optional: true,
+        });
+    }
+
     /// Runs every step; on failure returns the failing step's index and errno.
     /// Allocation-free: safe in a cloned child.
     pub fn run(&self) -> Result<(), (usize, i32)> {
@@ -364,5 +411,36 @@ mod tests {
         has("mount cgroup (cgroup) on \"/c/rootfs/sys/fs/cgroup/memory\"");
         has("mount cgroup2 (cgroup2) on \"/c/rootfs/sys/fs/cgroup/unified\"");
         has("link \"/c/rootfs/dev/ptmx\" to \"pts/ptmx\"");
+        assert!(
+            !described.iter().any(|line| line.contains(".lxc")),
+            "nesting mounts without nesting"
+        );
+    }
+
+    #[test]
+    fn nesting_adds_unobstructed_proc_and_sys_and_kmsg() {
+        let layout = CgroupLayout {
+            unified: Some(PathBuf::from("/sys/fs/cgroup")),
+            legacy: Vec::new(),
+        };
+        let root = Path::new("/c/rootfs");
+        let mut plan = FilesystemPlan::new(root, Path::new("/dev/pts/7"), &layout);
+        let before = plan.steps.len();
+        plan.add_nesting_mounts(root, Path::new("/dev/kmsg"));
+        let added: Vec<String> = (before..plan.steps.len())
+            .map(|i| plan.describe(i))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                "create directory \"/c/rootfs/dev/.lxc\"",
+                "create directory \"/c/rootfs/dev/.lxc/proc\"",
+                "create directory \"/c/rootfs/dev/.lxc/sys\"",
+                "mount proc (proc) on \"/c/rootfs/dev/.lxc/proc\"",
+                "mount sysfs (sysfs) on \"/c/rootfs/dev/.lxc/sys\"",
+                "create file \"/c/rootfs/dev/kmsg\"",
+                "mount /dev/kmsg (bind or propagation) on \"/c/rootfs/dev/kmsg\"",
+            ]
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! The container's first process, from `clone` to `execve` of the image's `/sbin/init`.
 //!
 //! It is cloned straight into its new namespaces and then waits on a pipe while the parent
-//! writes its id map, moves it into its cgroup and hands it the console. Once released it
-//! becomes root of its user namespace, enters a cgroup namespace rooted at its own cgroup,
-//! takes the console as its controlling terminal, builds its mounts, sets the hostname,
-//! pivots into the snapshot and execs init as PID 1.
+//! writes its id map, moves it into its cgroup, creates its nic and hands it the console. Once
+//! released it becomes root of its user namespace, enters a cgroup namespace rooted at its own
+//! cgroup, takes the console as its controlling terminal, brings its network interfaces up,
+//! builds its mounts, sets the hostname, pivots into the snapshot, confines itself
+//! (capabilities, seccomp) and execs init as PID 1.
 //!
 //! Everything the child touches is prepared beforehand: it runs in a copy of a possibly
 //! multithreaded process and must not allocate. A failure is reported to the parent as a step
@@ -14,8 +15,10 @@ use std::ffi::CString;
 use std::os::fd::RawFd;
 use std::path::Path;
 
+use crate::confinement::{Confinement, ConfinementStep};
 use crate::filesystem::FilesystemPlan;
 use crate::kernel;
+use crate::network::{self, INTERFACE_NAME_SIZE};
 use crate::rootfs::c_path;
 
 /// The fixed steps around the filesystem plan, numbered after the plan's own steps.
@@ -30,10 +33,13 @@ pub enum InitStep {
     PivotRoot,
     DetachHostRoot,
     Exec,
+    RaiseInterfaces,
+    DropCapabilities,
+    Seccomp,
 }
 
 impl InitStep {
-    const ALL: [InitStep; 8] = [
+    const ALL: [InitStep; 11] = [
         InitStep::BecomeRoot,
         InitStep::CgroupNamespace,
         InitStep::Session,
@@ -42,6 +48,9 @@ impl InitStep {
         InitStep::PivotRoot,
         InitStep::DetachHostRoot,
         InitStep::Exec,
+        InitStep::RaiseInterfaces,
+        InitStep::DropCapabilities,
+        InitStep::Seccomp,
     ];
 
     fn describe(self) -> &'static str {
@@ -54,6 +63,9 @@ impl InitStep {
             InitStep::PivotRoot => "pivot_root into the snapshot",
             InitStep::DetachHostRoot => "detach the host's root",
             InitStep::Exec => "execute /sbin/init",
+            InitStep::RaiseInterfaces => "bring up the network interfaces",
+            InitStep::DropCapabilities => "drop capabilities from the bounding set",
+            InitStep::Seccomp => "install the seccomp filter",
         }
     }
 }
@@ -68,6 +80,10 @@ pub struct InitProgram {
     arguments: Vec<CString>,
     environment: Vec<CString>,
     pub user_namespace: bool,
+    /// Brought up inside before the mounts: loopback, and the nic if the container has one.
+    pub interfaces: Vec<[u8; INTERFACE_NAME_SIZE]>,
+    /// Applied just before execve.
+    pub confinement: Confinement,
 }
 
 impl InitProgram {
@@ -86,6 +102,8 @@ impl InitProgram {
                 text("TERM=linux"),
             ],
             user_namespace,
+            interfaces: vec![network::interface_name("lo")],
+            confinement: Confinement::default(),
         }
     }
 
@@ -133,6 +151,9 @@ impl InitProgram {
         check(InitStep::Console, unsafe {
             libc::ioctl(0, libc::TIOCSCTTY, 0)
         });
+        if let Err(errno) = network::raise_interfaces(&self.interfaces) {
+            fail(InitStep::RaiseInterfaces, errno);
+        }
         if let Err((index, errno)) = self.plan.run() {
             kernel::fail_child(report, index as u32, errno);
         }
@@ -160,6 +181,12 @@ impl InitProgram {
             libc::chdir(c"/".as_ptr())
         });
         reset_signals();
+        if let Err((step, errno)) = self.confinement.apply() {
+            match step {
+                ConfinementStep::DropCapability(_) => fail(InitStep::DropCapabilities, errno),
+                ConfinementStep::InstallSeccomp => fail(InitStep::Seccomp, errno),
+            }
+        }
         let mut arguments = [std::ptr::null(); 8];
         let mut environment = [std::ptr::null(); 8];
         for (slot, value) in arguments.iter_mut().zip(&self.arguments) {

@@ -20,18 +20,35 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod btrfs;
+pub mod capabilities;
 pub mod cgroup;
 pub mod config;
+mod confinement;
 pub mod console;
 pub mod container;
+pub mod control;
 pub mod exec;
 mod filesystem;
+pub mod freezer;
 pub mod idmap;
 mod init;
 mod kernel;
+pub mod monitor;
+mod netlink;
+pub mod network;
 pub mod rootfs;
+pub mod seccomp;
+pub mod shift;
+pub mod terminal;
 
-pub use config::{ConfigError, ContainerConfig, CpuAllowance, InitSystem, Limits, Network};
+pub use config::{
+    BridgedNic, ConfigError, ContainerConfig, CpuAllowance, IdShift, InitSystem, Limits, Network,
+    SnapshotMethod, SyscallPolicy,
+};
 pub use container::{Container, ContainerError, ContainerState, Host, Status, StopOutcome};
 pub use exec::{ExecError, ExecOutput, ExecProcess, ExecRequest};
+pub use freezer::FreezeError;
 pub use idmap::{IdMap, IdRange};
+pub use network::{AddressFamily, InterfaceAddress};
+pub use terminal::TerminalSize;
