@@ -1,6 +1,14 @@
 //! cove-agent: the program that runs inside every cove guest and serves the host over
-//! virtio-vsock (exec, file transfer, state, shutdown).
+//! virtio-vsock (exec, file transfer, state, shutdown), and the host's side of it.
 //!
-//! This crate holds no code yet: the agent arrives with virtio-vsock in cove-vmm. What lives
-//! here: the agent's protocol, its server loop, and the host-side client library. What must not:
-//! anything that knows about KVM or the supervisor's HTTP API.
+//! - `protocol`: frames and messages, shared by both sides (written down in docs/agent.md);
+//! - `transport`: the byte streams (vsock, Unix sockets, cove-vmm's vsock `CONNECT`);
+//! - `agent`: the server that runs in the guest (`cove-agent`);
+//! - `client`: the host's library (used by `cove-agent-ctl` and the supervisor).
+//!
+//! What must not live here: anything that knows about KVM or the supervisor's HTTP API.
+
+pub mod agent;
+pub mod client;
+pub mod protocol;
+pub mod transport;
