@@ -5,6 +5,8 @@
 //! Tests need a usable /dev/kvm; they fail with a message saying so when there is none.
 
 pub mod container;
+pub mod container_monitor;
+pub mod coved;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -350,4 +352,163 @@ pub fn start_vmm_in_own_network_namespace(arguments: &[&str]) -> Vmm {
     })
     .join()
     .expect("start cove-vmm in a network namespace")
+}
+
+// ---------------------------------------------------------------------------------------
+// cove-agent
+// ---------------------------------------------------------------------------------------
+
+/// cove-agent, built static by `guest-agent/build` once per test process: the very binary the
+/// microVM initramfs holds. `cove-agent-ctl` lies beside it.
+pub fn cove_agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| built_by("guest-agent/build", &[]))
+}
+
+/// The static `cove-agent-ctl` built with `cove_agent()`.
+pub fn cove_agent_ctl() -> PathBuf {
+    cove_agent().with_file_name("cove-agent-ctl")
+}
+
+/// A cove-agent started as PID 1 of new mount, pid and network namespaces, as it runs as
+/// the init of a microVM, serving on a Unix socket in a scratch directory (which the host
+/// sees too). Needs root. Dropping it kills the agent, and with it its namespaces; so does
+/// its watchdog if a test hangs for `AGENT_WATCHDOG`.
+pub struct AgentInNamespaces {
+    child: Child,
+    socket: PathBuf,
+    scratch: PathBuf,
+    announcement: cove_agent::protocol::AgentHello,
+    log: Arc<Mutex<String>>,
+    watchdog: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// How long one agent may live in a test before its watchdog ends it.
+pub const AGENT_WATCHDOG: Duration = Duration::from_secs(300);
+
+impl AgentInNamespaces {
+    /// Starts the agent and waits for its announcement.
+    pub fn start(name: &str) -> Self {
+        let agent = cove_agent();
+        let scratch = scratch_dir(&format!("agent-{name}"));
+        let socket = scratch.join("agent.sock");
+        let announce = scratch.join("announce.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&announce)
+            .unwrap_or_else(|error| panic!("cannot listen at {}: {error}", announce.display()));
+        let mut child = Command::new("unshare")
+            .args([
+                "--mount",
+                "--pid",
+                "--net",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+            ])
+            .arg(agent)
+            .arg("--unix")
+            .arg(&socket)
+            .arg("--announce")
+            .arg(&announce)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cove-agent with unshare (util-linux); the agent tests need root");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut log = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let ready = cove_agent::client::wait_ready(&listener, Duration::from_secs(30));
+        let announcement = match ready {
+            Ok(announcement) => announcement,
+            Err(error) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the agent did not announce itself: {error}; its log:\n{}",
+                    log.lock().map(|log| log.clone()).unwrap_or_default()
+                );
+            }
+        };
+        let (watchdog, expired) = std::sync::mpsc::channel::<()>();
+        let pid = child.id() as i32;
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                expired.recv_timeout(AGENT_WATCHDOG)
+            {
+                eprintln!(
+                    "agent watchdog: the test ran past {AGENT_WATCHDOG:?}; killing the agent"
+                );
+                // SAFETY: kill() takes no pointers; unshare's --kill-child takes the agent along.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        AgentInNamespaces {
+            child,
+            socket,
+            scratch,
+            announcement,
+            log,
+            watchdog: Some(watchdog),
+        }
+    }
+
+    /// A client for this agent.
+    pub fn client(&self) -> cove_agent::client::Client {
+        cove_agent::client::Client::new(cove_agent::client::Endpoint::Unix(self.socket.clone()))
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A directory of this test's own, the same path inside the agent's namespaces.
+    pub fn scratch(&self) -> &Path {
+        &self.scratch
+    }
+
+    pub fn announcement(&self) -> &cove_agent::protocol::AgentHello {
+        &self.announcement
+    }
+
+    /// What the agent wrote on stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|log| log.clone()).unwrap_or_default()
+    }
+
+    /// Waits for the agent's namespaces to end and returns how `unshare` ended (it re-raises
+    /// the signal that ended the agent); panics after `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for unshare") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not end within {timeout:?}; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for AgentInNamespaces {
+    fn drop(&mut self) {
+        if let Some(watchdog) = self.watchdog.take() {
+            let _ = watchdog.send(());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
 }

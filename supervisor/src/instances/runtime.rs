@@ -1,0 +1,137 @@
+//! The instance layer's interface to whatever runs containers: start, state, stop, freeze,
+//! exec with the caller's file descriptors, delete. coved's routes only see this trait.
+//!
+//! Two implementations: `ShimRuntime` (`shim.rs`) starts one `cove-shim`
+//! monitor process per container and talks to it over its control socket, so containers
+//! outlive coved and are found again from the run directory; and
+//! [`crate::instances::library::LibraryRuntime`], which runs containers inside coved's own
+//! process through the cove-shim library (for development and tests where the monitor binary
+//! is missing: its containers do not survive a restart of coved).
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+/// What a container is doing, as its monitor says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeStatus {
+    /// No monitor, or the monitor says init has exited.
+    Stopped,
+    Starting,
+    Running,
+    Frozen,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeState {
+    pub status: RuntimeStatus,
+    pub init_pid: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub processes: Option<u64>,
+    pub cpu_time_ns: Option<u64>,
+    /// The addresses inside the container's network namespace while it runs.
+    pub addresses: Vec<cove_shim::InterfaceAddress>,
+}
+
+impl RuntimeState {
+    pub fn stopped() -> Self {
+        Self {
+            status: RuntimeStatus::Stopped,
+            init_pid: None,
+            memory_bytes: None,
+            processes: None,
+            cpu_time_ns: None,
+            addresses: Vec::new(),
+        }
+    }
+}
+
+/// Everything a runtime needs to start a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchSpec {
+    pub name: String,
+    /// The unpacked image the container runs a snapshot of.
+    pub rootfs: PathBuf,
+    /// The keys the container core understands (`limits.*`, `security.privileged`,
+    /// `security.nesting`, `security.idmap.*`, `security.syscalls.*`, `user.hostname`),
+    /// already validated.
+    pub keys: BTreeMap<String, String>,
+    /// The bridged nic, as an LXD nic device's keys (`nictype`, `parent`, `name`, `hwaddr`,
+    /// ...), already validated.
+    pub nic: Option<BTreeMap<String, String>>,
+}
+
+/// A command to run in a running container, with the three file descriptors it gets as its
+/// stdin, stdout and stderr (pipes, or one terminal three times).
+#[derive(Debug)]
+pub struct ExecSpec {
+    pub command: Vec<String>,
+    pub environment: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub uid: u32,
+    pub gid: u32,
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// Signals for the command while it runs (LXD's exec control `signal` messages); `None`
+    /// when nobody can send any.
+    pub signals: Option<Receiver<i32>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("instance \"{0}\" is not running: start it first")]
+    NotRunning(String),
+    #[error("instance \"{0}\" is already running")]
+    AlreadyRunning(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs containers. Every method blocks (call it from `spawn_blocking`).
+pub trait Runtime: Send + Sync + 'static {
+    /// Starts the container; returns once its init runs.
+    fn start(&self, spec: &LaunchSpec) -> Result<(), RuntimeError>;
+
+    /// The container's state now, with its usage; `Stopped` for a container the runtime does
+    /// not know.
+    fn state(&self, name: &str) -> RuntimeState;
+
+    /// Only the status, which may be cheaper than the whole state (lists ask for it).
+    fn status(&self, name: &str) -> RuntimeStatus {
+        self.state(name).status
+    }
+
+    /// Halts init (killing it after `timeout`) and releases the container's mount and cgroup.
+    fn stop(&self, name: &str, timeout: Duration) -> Result<(), RuntimeError>;
+
+    fn freeze(&self, name: &str) -> Result<(), RuntimeError>;
+
+    fn unfreeze(&self, name: &str) -> Result<(), RuntimeError>;
+
+    /// Runs a command to its end with `spec`'s fds; returns its exit code (128 + signal).
+    fn exec(&self, name: &str, spec: ExecSpec) -> Result<i32, RuntimeError>;
+
+    /// Removes everything the runtime keeps for a stopped container.
+    fn delete(&self, name: &str) -> Result<(), RuntimeError>;
+
+    /// Moves what the runtime keeps for a stopped container to a new name.
+    fn rename(&self, name: &str, new_name: &str) -> Result<(), RuntimeError>;
+
+    /// The container's root as mounted on the host, while it runs.
+    fn root(&self, name: &str) -> PathBuf;
+
+    /// The console log, which stays after the container stopped.
+    fn console_log(&self, name: &str) -> PathBuf;
+
+    /// The containers this runtime finds running (from its run directory), at coved's start.
+    fn running(&self) -> Vec<String>;
+}

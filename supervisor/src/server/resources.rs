@@ -1,0 +1,590 @@
+//! `/1.0` (server info), `/1.0/profiles`, `/1.0/storage-pools` and `/1.0/networks`.
+
+use std::collections::BTreeMap;
+use std::ffi::CStr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::Router;
+use serde_json::{json, Value};
+
+use super::{
+    check_if_match, json_body, list_urls, ok, sync, sync_tagged, ApiError, ApiResult, Query,
+};
+use crate::api::types::{
+    self, ProfilePost, ProfilePut, ProfilesPost, Server, ServerEnvironment, StorageDriver,
+};
+use crate::daemon::{Daemon, API_EXTENSIONS};
+use crate::instances::config;
+use crate::store::ProfileRecord;
+
+pub fn routes() -> Router<Arc<Daemon>> {
+    Router::new()
+        .route(
+            "/1.0",
+            get(server_info).put(server_update).patch(server_update),
+        )
+        .route("/1.0/profiles", get(profiles).post(create_profile))
+        .route(
+            "/1.0/profiles/{name}",
+            get(profile)
+                .put(replace_profile)
+                .patch(patch_profile)
+                .post(rename_profile)
+                .delete(delete_profile),
+        )
+        .route(
+            "/1.0/storage-pools",
+            get(storage_pools).post(create_storage_pool),
+        )
+        .route(
+            "/1.0/storage-pools/{name}",
+            get(storage_pool)
+                .put(update_storage_pool)
+                .patch(update_storage_pool)
+                .delete(delete_storage_pool),
+        )
+        .route(
+            "/1.0/storage-pools/{name}/resources",
+            get(storage_pool_resources),
+        )
+        .route("/1.0/networks", get(networks))
+        .route("/1.0/networks/{name}", get(network))
+        .route("/1.0/networks/{name}/state", get(network_state))
+        .route("/1.0/certificates", get(empty_list))
+        .route("/1.0/projects", get(projects))
+        .route("/1.0/projects/{name}", get(project))
+}
+
+fn uname() -> (String, String, String) {
+    // SAFETY: utsname is plain data; uname fills it with NUL-terminated strings.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return ("Linux".into(), String::new(), "x86_64".into());
+    }
+    let text = |field: &[libc::c_char]| {
+        // SAFETY: uname NUL-terminates every field within its array.
+        unsafe { CStr::from_ptr(field.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    (
+        text(&name.sysname),
+        text(&name.release),
+        text(&name.machine),
+    )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|text| text.trim().to_string())
+        .unwrap_or_else(|_| "cove".into())
+}
+
+fn os_release() -> (String, String) {
+    let text = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}=")))
+            .map(|value| value.trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    (field("NAME"), field("VERSION_ID"))
+}
+
+async fn server_info(State(daemon): State<Arc<Daemon>>) -> ApiResult {
+    let (kernel, kernel_version, architecture) = uname();
+    let (os_name, os_version) = os_release();
+    let mut architectures = vec![architecture.clone()];
+    if architecture == "x86_64" {
+        architectures.push("i686".into());
+    }
+    let server = Server {
+        config: BTreeMap::new(),
+        api_extensions: API_EXTENSIONS.iter().map(|name| name.to_string()).collect(),
+        api_status: "stable".into(),
+        api_version: "1.0".into(),
+        auth: "trusted".into(),
+        auth_methods: vec!["tls".into()],
+        public: false,
+        environment: ServerEnvironment {
+            addresses: Vec::new(),
+            architectures,
+            certificate: String::new(),
+            certificate_fingerprint: String::new(),
+            driver: "cove".into(),
+            driver_version: env!("CARGO_PKG_VERSION").into(),
+            firewall: String::new(),
+            kernel,
+            kernel_architecture: architecture,
+            kernel_features: BTreeMap::new(),
+            kernel_version,
+            lxc_features: BTreeMap::new(),
+            os_name,
+            os_version,
+            project: "default".into(),
+            server: "cove".into(),
+            server_clustered: false,
+            server_event_mode: "full-mesh".into(),
+            server_name: hostname(),
+            server_pid: std::process::id(),
+            server_version: "5.0.2".into(),
+            storage: "dir".into(),
+            storage_version: "1".into(),
+            storage_supported_drivers: vec![StorageDriver {
+                name: "dir".into(),
+                version: "1".into(),
+                remote: false,
+            }],
+        },
+    };
+    let _ = daemon;
+    sync(server)
+}
+
+/// Server configuration: coved has no server keys; an empty config is accepted.
+async fn server_update(body: Body) -> ApiResult {
+    let request: Value = json_body(body).await?;
+    match request.get("config").and_then(Value::as_object) {
+        Some(config) if !config.is_empty() => {
+            let key = config.keys().next().cloned().unwrap_or_default();
+            Err(ApiError::bad_request(format!(
+                "unknown server configuration key \"{key}\": coved has no server keys"
+            )))
+        }
+        _ => ok(),
+    }
+}
+
+async fn empty_list() -> ApiResult {
+    sync(Vec::<String>::new())
+}
+
+fn default_project() -> Value {
+    json!({
+        "name": "default",
+        "description": "Default project",
+        "config": {"features.images": "true", "features.profiles": "true"},
+        "used_by": [],
+    })
+}
+
+async fn projects(query: Query) -> ApiResult {
+    if query.recursion() > 0 {
+        sync([default_project()])
+    } else {
+        sync(["/1.0/projects/default"])
+    }
+}
+
+async fn project(Path(name): Path<String>) -> ApiResult {
+    if name == "default" {
+        sync(default_project())
+    } else {
+        Err(ApiError::not_found(format!("project \"{name}\" not found")))
+    }
+}
+
+// Profiles.
+
+fn validate_profile_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty()
+        || name.len() > 63
+        || name.contains('/')
+        || name.contains(char::is_whitespace)
+        || name == "."
+        || name == ".."
+    {
+        return Err(ApiError::bad_request(format!(
+            "invalid profile name \"{name}\": use 1 to 63 characters without slashes or spaces"
+        )));
+    }
+    Ok(())
+}
+
+fn profile_view(daemon: &Daemon, record: ProfileRecord) -> Result<types::Profile, ApiError> {
+    let used_by = daemon
+        .store
+        .instances()?
+        .into_iter()
+        .filter(|instance| instance.profiles.contains(&record.name))
+        .map(|instance| format!("/1.0/instances/{}", instance.name))
+        .collect();
+    Ok(types::Profile {
+        name: record.name,
+        description: record.description,
+        config: record.config,
+        devices: record.devices,
+        used_by,
+    })
+}
+
+/// The writable part of a profile, for its ETag.
+fn profile_etag(record: &ProfileRecord) -> Value {
+    json!({"config": record.config, "description": record.description, "devices": record.devices})
+}
+
+async fn profiles(State(daemon): State<Arc<Daemon>>, query: Query) -> ApiResult {
+    let records = daemon.store.profiles()?;
+    if query.recursion() == 0 {
+        return sync(list_urls(
+            "/1.0/profiles",
+            records.into_iter().map(|record| record.name),
+        ));
+    }
+    let views = records
+        .into_iter()
+        .map(|record| profile_view(&daemon, record))
+        .collect::<Result<Vec<_>, _>>()?;
+    sync(views)
+}
+
+async fn create_profile(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
+    let request: ProfilesPost = json_body(body).await?;
+    validate_profile_name(&request.name)?;
+    config::validate_keys(&request.config)
+        .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    config::validate_devices(&request.devices)
+        .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    daemon.store.create_profile(&ProfileRecord {
+        name: request.name.clone(),
+        description: request.description,
+        config: request.config,
+        devices: request.devices,
+    })?;
+    daemon.events.lifecycle(
+        "profile-created",
+        &format!("/1.0/profiles/{}", request.name),
+        BTreeMap::new(),
+    );
+    ok()
+}
+
+async fn profile(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
+    let record = daemon.store.profile(&name)?;
+    let tag = profile_etag(&record);
+    sync_tagged(profile_view(&daemon, record)?, &tag)
+}
+
+async fn update_profile(
+    daemon: &Daemon,
+    name: &str,
+    headers: &HeaderMap,
+    request: ProfilePut,
+    patch: bool,
+) -> ApiResult {
+    let mut record = daemon.store.profile(name)?;
+    check_if_match(headers, &profile_etag(&record))?;
+    if let Some(description) = request.description {
+        record.description = description;
+    }
+    match (request.config, patch) {
+        (Some(config), true) => record.config.extend(config),
+        (Some(config), false) => record.config = config,
+        (None, false) => record.config.clear(),
+        (None, true) => {}
+    }
+    match (request.devices, patch) {
+        (Some(devices), true) => record.devices.extend(devices),
+        (Some(devices), false) => record.devices = devices,
+        (None, false) => record.devices.clear(),
+        (None, true) => {}
+    }
+    record.config.retain(|_, value| !value.is_empty());
+    config::validate_keys(&record.config)
+        .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    config::validate_devices(&record.devices)
+        .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    daemon.store.update_profile(&record)?;
+    daemon.events.lifecycle(
+        "profile-updated",
+        &format!("/1.0/profiles/{name}"),
+        BTreeMap::new(),
+    );
+    ok()
+}
+
+async fn replace_profile(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let request: ProfilePut = json_body(body).await?;
+    update_profile(&daemon, &name, &headers, request, false).await
+}
+
+async fn patch_profile(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let request: ProfilePut = json_body(body).await?;
+    update_profile(&daemon, &name, &headers, request, true).await
+}
+
+async fn rename_profile(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let request: ProfilePost = json_body(body).await?;
+    if name == "default" {
+        return Err(ApiError::bad_request(
+            "the default profile cannot be renamed",
+        ));
+    }
+    validate_profile_name(&request.name)?;
+    daemon.store.rename_profile(&name, &request.name)?;
+    daemon.events.lifecycle(
+        "profile-renamed",
+        &format!("/1.0/profiles/{}", request.name),
+        BTreeMap::from([("old_name".to_string(), Value::from(name))]),
+    );
+    ok()
+}
+
+async fn delete_profile(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
+    if name == "default" {
+        return Err(ApiError::bad_request(
+            "the default profile cannot be deleted",
+        ));
+    }
+    let record = daemon.store.profile(&name)?;
+    let view = profile_view(&daemon, record)?;
+    if !view.used_by.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "profile \"{name}\" is in use by {}: remove it from them first",
+            view.used_by.join(", ")
+        )));
+    }
+    daemon.store.delete_profile(&name)?;
+    daemon.events.lifecycle(
+        "profile-deleted",
+        &format!("/1.0/profiles/{name}"),
+        BTreeMap::new(),
+    );
+    ok()
+}
+
+// Storage pools.
+
+fn pool_view(daemon: &Daemon, name: &str) -> Result<types::StoragePool, ApiError> {
+    let record = daemon.store.storage_pool(name)?;
+    let mut used_by: Vec<String> = daemon
+        .store
+        .instances()?
+        .into_iter()
+        .map(|instance| format!("/1.0/instances/{}", instance.name))
+        .collect();
+    for profile in daemon.store.profiles()? {
+        if profile
+            .devices
+            .values()
+            .any(|device| device.get("pool").map(String::as_str) == Some(name))
+        {
+            used_by.push(format!("/1.0/profiles/{}", profile.name));
+        }
+    }
+    Ok(types::StoragePool {
+        name: record.name,
+        driver: record.driver,
+        description: record.description,
+        config: record.config,
+        used_by,
+        status: "Created".into(),
+        locations: vec!["none".into()],
+    })
+}
+
+async fn storage_pools(State(daemon): State<Arc<Daemon>>, query: Query) -> ApiResult {
+    let records = daemon.store.storage_pools()?;
+    if query.recursion() == 0 {
+        return sync(list_urls(
+            "/1.0/storage-pools",
+            records.into_iter().map(|record| record.name),
+        ));
+    }
+    let views = records
+        .iter()
+        .map(|record| pool_view(&daemon, &record.name))
+        .collect::<Result<Vec<_>, _>>()?;
+    sync(views)
+}
+
+async fn create_storage_pool() -> ApiResult {
+    Err(ApiError::bad_request(
+        "creating storage pools is not supported: coved has one dir pool, \"default\"",
+    ))
+}
+
+async fn storage_pool(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
+    let view = pool_view(&daemon, &name)?;
+    let tag = json!({"config": view.config, "description": view.description});
+    sync_tagged(view, &tag)
+}
+
+async fn update_storage_pool(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let request: Value = json_body(body).await?;
+    let mut record = daemon.store.storage_pool(&name)?;
+    check_if_match(
+        &headers,
+        &json!({"config": record.config, "description": record.description}),
+    )?;
+    if let Some(config) = request.get("config").and_then(Value::as_object) {
+        for (key, value) in config {
+            if record
+                .config
+                .get(key)
+                .map(|current| Value::from(current.as_str()))
+                != Some(value.clone())
+            {
+                return Err(ApiError::bad_request(format!(
+                    "storage pool key \"{key}\" cannot be changed"
+                )));
+            }
+        }
+    }
+    if let Some(description) = request.get("description").and_then(Value::as_str) {
+        record.description = description.to_string();
+    }
+    daemon.store.update_storage_pool(&record)?;
+    ok()
+}
+
+async fn delete_storage_pool(Path(name): Path<String>) -> ApiResult {
+    Err(ApiError::bad_request(format!(
+        "storage pool \"{name}\" cannot be deleted: coved's default pool holds every instance"
+    )))
+}
+
+async fn storage_pool_resources(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    daemon.store.storage_pool(&name)?;
+    let path = std::ffi::CString::new(daemon.settings.directory.as_os_str().as_encoded_bytes())
+        .map_err(|_| ApiError::new(500, "the cove directory's path holds a NUL byte"))?;
+    // SAFETY: statvfs is plain data that statvfs(3) fills.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stats` is writable.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return Err(ApiError::new(
+            500,
+            format!(
+                "cannot read the pool's usage: {}",
+                std::io::Error::last_os_error()
+            ),
+        ));
+    }
+    let block = stats.f_frsize as u64;
+    let total = stats.f_blocks as u64 * block;
+    let free = stats.f_bfree as u64 * block;
+    sync(json!({
+        "space": {"total": total, "used": total.saturating_sub(free)},
+        "inodes": {"total": stats.f_files as u64, "used": (stats.f_files - stats.f_ffree) as u64},
+    }))
+}
+
+// Networks: the host's interfaces, unmanaged.
+
+fn interface_kind(name: &str) -> &'static str {
+    let base = std::path::Path::new("/sys/class/net").join(name);
+    if name == "lo" {
+        "loopback"
+    } else if base.join("bridge").exists() {
+        "bridge"
+    } else if base.join("bonding").exists() {
+        "bond"
+    } else if base.join("device").exists() {
+        "physical"
+    } else {
+        "unknown"
+    }
+}
+
+fn interfaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn network_view(name: &str) -> types::Network {
+    types::Network {
+        name: name.to_string(),
+        description: String::new(),
+        kind: interface_kind(name).to_string(),
+        managed: false,
+        config: BTreeMap::new(),
+        used_by: Vec::new(),
+        status: String::new(),
+        locations: Vec::new(),
+    }
+}
+
+async fn networks(query: Query) -> ApiResult {
+    let names = interfaces();
+    if query.recursion() == 0 {
+        return sync(list_urls("/1.0/networks", names));
+    }
+    sync(
+        names
+            .iter()
+            .map(|name| network_view(name))
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn existing_interface(name: &str) -> Result<(), ApiError> {
+    if interfaces().iter().any(|known| known == name) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("network \"{name}\" not found")))
+    }
+}
+
+async fn network(Path(name): Path<String>) -> ApiResult {
+    existing_interface(&name)?;
+    sync(network_view(&name))
+}
+
+async fn network_state(Path(name): Path<String>) -> ApiResult {
+    existing_interface(&name)?;
+    let base = std::path::Path::new("/sys/class/net").join(&name);
+    let read = |file: &str| {
+        std::fs::read_to_string(base.join(file))
+            .map(|text| text.trim().to_string())
+            .unwrap_or_default()
+    };
+    let number = |file: &str| read(file).parse::<u64>().unwrap_or(0);
+    sync(json!({
+        "addresses": [],
+        "counters": {
+            "bytes_received": number("statistics/rx_bytes"),
+            "bytes_sent": number("statistics/tx_bytes"),
+            "packets_received": number("statistics/rx_packets"),
+            "packets_sent": number("statistics/tx_packets"),
+        },
+        "hwaddr": read("address"),
+        "mtu": number("mtu"),
+        "state": if read("operstate") == "down" { "down" } else { "up" },
+        "type": if name == "lo" { "loopback" } else { "broadcast" },
+    }))
+}
