@@ -22,6 +22,23 @@
 //! - `vsock-port=<port>`: the vsock device connects to the host (CID 2) on that port and has
 //!   `vsock-bytes=<decimal>` bytes (default 1 MiB) echoed (without it, only the guest's CID is
 //!   read).
+//!
+//! Benchmarks (see `virtio/bench/mod.rs`), for `tools/bench io`:
+//!
+//! - `bench=<case>` skips the report, the other vCPUs and the exercises, like `brief`, and
+//!   instead drives the first device of the case's kind as fast as it can: `blk-seq-read`,
+//!   `blk-seq-write`, `blk-rand-read`, `blk-rand-write` (block), `net-tx`, `net-rx` (network);
+//! - `bench-seconds=<decimal>`: how long (default 5);
+//! - `bench-size=<decimal>`: bytes per block request (a multiple of 512; default 65536 for the
+//!   sequential cases, 4096 for the random ones) or per Ethernet frame (60 to 1514, without
+//!   the frame check sequence; default 1514);
+//! - `bench-depth=<decimal>`: at most this many requests in flight (default: as many as the
+//!   queue holds);
+//! - `bench-driver=poll|interrupt`: the driver polls the used ring at CPL 3 (default), or halts
+//!   at CPL 0 until the device interrupts;
+//! - `net-ip=` and `net-peer=` (above) give the guest's and the host's IPv4 addresses, and
+//!   `bench-peer-mac=<aa:bb:cc:dd:ee:ff>` the host's MAC, to which `net-tx` sends its UDP
+//!   datagrams (port [`BENCH_UDP_PORT`] to port [`BENCH_UDP_PORT`]).
 
 use crate::serial::Console;
 
@@ -31,6 +48,63 @@ pub const MAX_VIRTIO_DEVICES: usize = 16;
 
 /// Bytes the vsock device has echoed when `vsock-bytes=` does not say.
 const DEFAULT_VSOCK_BYTES: u64 = 1 << 20;
+
+/// How long a benchmark runs when `bench-seconds=` does not say.
+const DEFAULT_BENCH_SECONDS: u64 = 5;
+
+/// The UDP port the `net-tx` benchmark sends from and to.
+pub const BENCH_UDP_PORT: u16 = 9999;
+
+/// What a benchmark measures (`bench=`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BenchCase {
+    BlockSequentialRead,
+    BlockSequentialWrite,
+    BlockRandomRead,
+    BlockRandomWrite,
+    NetTransmit,
+    NetReceive,
+}
+
+impl BenchCase {
+    /// The name `bench=` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchCase::BlockSequentialRead => "blk-seq-read",
+            BenchCase::BlockSequentialWrite => "blk-seq-write",
+            BenchCase::BlockRandomRead => "blk-rand-read",
+            BenchCase::BlockRandomWrite => "blk-rand-write",
+            BenchCase::NetTransmit => "net-tx",
+            BenchCase::NetReceive => "net-rx",
+        }
+    }
+
+    fn parse(value: &[u8]) -> Option<Self> {
+        [
+            BenchCase::BlockSequentialRead,
+            BenchCase::BlockSequentialWrite,
+            BenchCase::BlockRandomRead,
+            BenchCase::BlockRandomWrite,
+            BenchCase::NetTransmit,
+            BenchCase::NetReceive,
+        ]
+        .into_iter()
+        .find(|case| case.name().as_bytes() == value)
+    }
+}
+
+/// A benchmark to run instead of the report (`bench=` and its `bench-*=` options).
+pub struct BenchOptions {
+    pub case: BenchCase,
+    pub seconds: u64,
+    /// Bytes per request or frame; `None` for the case's default.
+    pub size: Option<u64>,
+    /// The most requests in flight; `None` for as many as the queue holds.
+    pub depth: Option<u64>,
+    pub peer_mac: Option<[u8; 6]>,
+    /// Poll at CPL 3 (`bench-driver=poll`, the default) rather than wait for interrupts.
+    pub polling: bool,
+}
 
 /// What the guest does once it has printed `cove-test-guest: done`.
 #[derive(Clone, Copy)]
@@ -78,6 +152,8 @@ pub struct Options {
     /// Skip the report, the application processors and the virtio devices.
     pub brief: bool,
     pub virtio: VirtioOptions,
+    /// Run this benchmark instead of the report (`bench=`).
+    pub bench: Option<BenchOptions>,
 }
 
 impl Options {
@@ -101,7 +177,13 @@ impl Options {
                 vsock_port: None,
                 vsock_bytes: DEFAULT_VSOCK_BYTES,
             },
+            bench: None,
         };
+        let mut bench_seconds = DEFAULT_BENCH_SECONDS;
+        let mut bench_size = None;
+        let mut bench_depth = None;
+        let mut bench_peer_mac = None;
+        let mut bench_polling = true;
         let words = command_line
             .split(|byte| byte.is_ascii_whitespace())
             .filter(|word| !word.is_empty());
@@ -136,7 +218,44 @@ impl Options {
                 if let Some(bytes) = parse_or_report(word, parse_decimal(value)) {
                     options.virtio.vsock_bytes = bytes;
                 }
+            } else if let Some(value) = word.strip_prefix(b"bench=") {
+                options.bench =
+                    parse_or_report(word, BenchCase::parse(value)).map(|case| BenchOptions {
+                        case,
+                        seconds: DEFAULT_BENCH_SECONDS,
+                        size: None,
+                        depth: None,
+                        peer_mac: None,
+                        polling: true,
+                    });
+            } else if let Some(value) = word.strip_prefix(b"bench-seconds=") {
+                if let Some(seconds) = parse_or_report(word, parse_decimal(value)) {
+                    bench_seconds = seconds;
+                }
+            } else if let Some(value) = word.strip_prefix(b"bench-size=") {
+                bench_size = parse_or_report(word, parse_decimal(value));
+            } else if let Some(value) = word.strip_prefix(b"bench-depth=") {
+                bench_depth = parse_or_report(word, parse_decimal(value));
+            } else if let Some(value) = word.strip_prefix(b"bench-peer-mac=") {
+                bench_peer_mac = parse_or_report(word, parse_mac(value));
+            } else if let Some(value) = word.strip_prefix(b"bench-driver=") {
+                let polling = match value {
+                    b"poll" => Some(true),
+                    b"interrupt" => Some(false),
+                    _ => None,
+                };
+                if let Some(polling) = parse_or_report(word, polling) {
+                    bench_polling = polling;
+                }
             }
+        }
+        // The bench-* options may come before or after bench= itself.
+        if let Some(bench) = &mut options.bench {
+            bench.seconds = bench_seconds;
+            bench.size = bench_size;
+            bench.depth = bench_depth;
+            bench.peer_mac = bench_peer_mac;
+            bench.polling = bench_polling;
         }
         options
     }
@@ -236,4 +355,18 @@ fn parse_ipv4(value: &[u8]) -> Option<[u8; 4]> {
         *octet = u8::try_from(parse_decimal(parts.next()?)?).ok()?;
     }
     parts.next().is_none().then_some(address)
+}
+
+/// A MAC address as six colon-separated pairs of hexadecimal digits.
+fn parse_mac(value: &[u8]) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = value.split(|&byte| byte == b':');
+    for octet in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *octet = u8::from_str_radix(core::str::from_utf8(part).ok()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }

@@ -6,8 +6,10 @@
 //! only place a handler can run; the rest of the guest therefore never races with a handler,
 //! and the interrupted code is always that one asm block, which leaves the stack's red zone
 //! free. Exceptions (vectors 0..31) panic with the vector and RIP, which beats a triple fault
-//! when a driver goes wrong. The 8259 PICs are masked and the local APIC's LINT0 too, so a
-//! device GSI (which KVM also routes to the PIC) arrives once, through the IOAPIC.
+//! when a driver goes wrong; the one exception is the `ud2` that ends `user_mode::run`'s
+//! function, which the invalid-opcode handler turns into the return to CPL 0. The 8259 PICs
+//! are masked and the local APIC's LINT0 too, so a device GSI (which KVM also routes to the
+//! PIC) arrives once, through the IOAPIC.
 //!
 //! Device vectors are [`FIRST_DEVICE_VECTOR`] + the device's slot; their handler is
 //! `virtio::handle_interrupt`. Only the bootstrap processor takes interrupts: every IOAPIC
@@ -26,6 +28,8 @@ const TIMER_VECTOR: u64 = 0x20;
 const FIRST_DEVICE_VECTOR: u64 = 0x40;
 const SPURIOUS_VECTOR: u64 = 0xff;
 const EXCEPTION_VECTORS: u64 = 32;
+/// #UD, which also brings `user_mode::run`'s function back to CPL 0.
+const INVALID_OPCODE_VECTOR: u64 = 6;
 
 const REGISTER_TASK_PRIORITY: usize = 0x80;
 const REGISTER_END_OF_INTERRUPT: usize = 0xb0;
@@ -126,7 +130,14 @@ extern "C" {
 }
 
 /// Called by the common stub path with interrupts disabled.
-extern "C" fn interrupt_dispatch(vector: u64, error_code: u64, frame: *const u64) {
+extern "C" fn interrupt_dispatch(vector: u64, error_code: u64, frame: *mut u64) {
+    // SAFETY: `frame` is where the processor pushed RIP, CS, RFLAGS, RSP and SS on this
+    // stack; the stub passes its address, and it stays valid for this call.
+    if vector == INVALID_OPCODE_VECTOR && crate::user_mode::is_exit(unsafe { frame.read() }) {
+        // SAFETY: as above; the stub's `iretq` returns through this frame.
+        unsafe { crate::user_mode::leave(frame) };
+        return;
+    }
     if vector < EXCEPTION_VECTORS {
         // SAFETY: `frame` is where the processor pushed RIP, CS, RFLAGS, RSP and SS on this
         // stack; the stub passes its address, and it stays valid for this call.

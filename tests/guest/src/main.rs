@@ -30,6 +30,10 @@
 //! `virtio:` and `virtio-<kind>:` lines are specified in `virtio/mod.rs` and in each driver
 //! (`virtio/block.rs`, `net.rs`, `vsock.rs`, `rng.rs`), the options in `command_line.rs`.
 //!
+//! With `bench=` on the command line, the guest prints `hello`, runs one benchmark of a virtio
+//! device instead of the report (its `bench:` lines are specified in `virtio/bench/mod.rs`)
+//! and prints `cove-test-guest: done`.
+//!
 //! followed by what `exit=` asks for (see `command_line.rs`): `exit=poweroff` prints
 //! `cove-test-guest: poweroff` and powers off through ACPI. Problems are reported on lines
 //! starting with `error:`, and a panic prints `cove-test-guest: panic: <message>` and resets.
@@ -55,13 +59,14 @@ mod smp;
 #[cfg(not(feature = "linux64"))]
 mod start_info;
 mod trampoline;
+mod user_mode;
 mod virtio;
 #[cfg(feature = "linux64")]
 mod zero_page;
 
 use acpi::Acpi;
 use boot_information::{BootInformation, MEMORY_TYPE_RAM};
-use command_line::Options;
+use command_line::{BenchOptions, Options};
 use mptable::{MpTable, MpTableError};
 use serial::{println, Console};
 
@@ -86,6 +91,11 @@ extern "C" fn guest_main(boot_information_address: u64) -> ! {
         &[]
     });
     let options = Options::parse(command_line);
+    if let Some(bench) = &options.bench {
+        let acpi = run_bench(bench, &options, &boot_information);
+        Console::lock().text("cove-test-guest: done").end_line();
+        exit::perform(options.exit_action, options.tick_loops, acpi.as_ref())
+    }
     if options.brief {
         write_boot_timer();
         Console::lock().text("cove-test-guest: done").end_line();
@@ -112,6 +122,25 @@ extern "C" fn guest_main(boot_information_address: u64) -> ! {
     virtio::run(&options.virtio, ioapic_address);
     Console::lock().text("cove-test-guest: done").end_line();
     exit::perform(options.exit_action, options.tick_loops, acpi.as_ref())
+}
+
+/// `bench=`: no report, no other processors; the ACPI tables only for the IOAPIC's address
+/// (the architectural one without them, as under QEMU's microvm with `acpi=off`), the memory
+/// map for the benchmark's buffers. Returns the ACPI tables for the exit.
+fn run_bench(
+    bench: &BenchOptions,
+    options: &Options,
+    boot_information: &BootInformation,
+) -> Option<Acpi> {
+    let acpi = Acpi::find(boot_information.rsdp_address()).ok();
+    let ioapic_address = acpi
+        .as_ref()
+        .map_or(DEFAULT_IOAPIC_ADDRESS, |acpi| acpi.ioapic.address);
+    match boot_information.memory_map() {
+        Ok(entries) => virtio::bench::run(bench, &options.virtio, entries, ioapic_address),
+        Err(error) => println!("error: bench: {error}"),
+    }
+    acpi
 }
 
 /// Tells the VMM the guest has booted.

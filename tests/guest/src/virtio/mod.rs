@@ -24,7 +24,11 @@
 //!
 //! `interrupts` counts the device's interrupts whose InterruptStatus was not 0. Failures are
 //! `error: virtio-<kind>: device=<slot> <what>` lines; the counts line follows regardless.
+//!
+//! With `bench=` on the command line, none of this runs: `bench` drives one device as fast as
+//! it can instead (see `bench/mod.rs`).
 
+pub mod bench;
 mod block;
 mod memory;
 mod mmio;
@@ -73,6 +77,8 @@ pub enum DriverError {
         what: &'static str,
         value: u64,
     },
+    /// The command line does not give the driver what it needs.
+    Options(&'static str),
 }
 
 impl From<TransportError> for DriverError {
@@ -94,6 +100,7 @@ impl fmt::Display for DriverError {
             DriverError::OutOfMemory(error) => write!(formatter, "{error}"),
             DriverError::TimedOut { what } => write!(formatter, "timed out waiting for {what}"),
             DriverError::Unexpected { what, value } => write!(formatter, "{what} ({value:#x})"),
+            DriverError::Options(what) => write!(formatter, "{what}"),
         }
     }
 }
@@ -176,9 +183,17 @@ impl Device {
 
     /// Sets up queues `0..count`, then DRIVER_OK.
     fn start<const COUNT: usize>(&self) -> Result<[queue::Queue; COUNT], DriverError> {
+        self.start_with_limit(queue::MAX_QUEUE_SIZE)
+    }
+
+    /// Sets up queues `0..count` of up to `limit` entries each, then DRIVER_OK.
+    fn start_with_limit<const COUNT: usize>(
+        &self,
+        limit: u16,
+    ) -> Result<[queue::Queue; COUNT], DriverError> {
         let mut queues = [const { None }; COUNT];
         for (index, queue) in queues.iter_mut().enumerate() {
-            *queue = Some(queue::Queue::set_up(&self.transport, index as u16)?);
+            *queue = Some(queue::Queue::set_up(&self.transport, index as u16, limit)?);
         }
         self.transport.set_driver_ok()?;
         Ok(queues.map(|queue| queue.expect("every queue was set up")))

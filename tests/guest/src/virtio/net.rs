@@ -457,7 +457,7 @@ impl NetDriver<'_> {
 
 /// The Internet checksum: the one's complement of the one's complement sum of the 16-bit
 /// big-endian words (0 when computed over data that includes a correct checksum).
-fn checksum(bytes: &[u8]) -> u16 {
+pub(super) fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for pair in bytes.chunks(2) {
         let word = u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]);
