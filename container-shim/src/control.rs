@@ -80,7 +80,9 @@ pub struct ExecCommand {
     #[serde(default)]
     pub gid: u32,
     /// Run on a new pseudo-terminal of this size: the request then carries no fds, and the
-    /// first answer (`started`) carries the terminal's controlling end.
+    /// first answer (`started`) carries the terminal's controlling end. With fds (the
+    /// caller's terminal, three times), the command takes the caller's terminal as its
+    /// controlling terminal in a session of its own instead, and no `started` answer comes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal: Option<TerminalSize>,
 }
@@ -232,11 +234,6 @@ pub enum ProtocolError {
          request (SCM_RIGHTS), got {0}"
     )]
     StdioMissing(usize),
-    #[error(
-        "exec with a terminal takes no file descriptors (the command's stdio is the new \
-         terminal), got {0}"
-    )]
-    StdioWithTerminal(usize),
 }
 
 impl Request {
@@ -480,7 +477,9 @@ impl ControlClient {
     }
 
     /// Starts `command` (with `fds` as its stdio, or none with a terminal) and returns the
-    /// running exec: signal it, take its terminal, wait for its exit.
+    /// running exec: signal it, take its terminal, wait for its exit. With a terminal and
+    /// `fds`, the fds are the caller's own terminal (three times), which the command takes as
+    /// its controlling terminal; no terminal comes back then.
     pub fn exec(
         self,
         command: &ExecCommand,
@@ -494,7 +493,7 @@ impl ControlClient {
             terminal: None,
             answer: None,
         };
-        if command.terminal.is_some() {
+        if command.terminal.is_some() && fds.is_empty() {
             let mut received = Vec::new();
             let first = read_answer(&connection.stream, &mut connection.buffered, &mut received)?;
             if first.ok && first.started == Some(true) {

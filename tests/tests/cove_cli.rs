@@ -79,6 +79,39 @@ fn cove_in(directory: &Path, arguments: &[&str], stdin: &[u8]) -> Output {
     }
 }
 
+/// Runs `cove --dir DIRECTORY ARGUMENTS` on a terminal of its own (under `script -qec`, which
+/// exits with cove's code); kills it after a timeout.
+fn cove_on_terminal(directory: &Path, arguments: &[&str]) -> Output {
+    let quote = |word: &str| format!("'{}'", word.replace('\'', "'\\''"));
+    let mut line = vec![
+        quote(&cove_binary().to_string_lossy()),
+        "--dir".to_string(),
+        quote(&directory.to_string_lossy()),
+    ];
+    line.extend(arguments.iter().map(|argument| quote(argument)));
+    let child = Command::new("script")
+        .args(["-qec", &line.join(" "), "/dev/null"])
+        .env_remove("COVE_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start script");
+    let pid = child.id();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(child.wait_with_output());
+    });
+    match receiver.recv_timeout(COMMAND_TIMEOUT) {
+        Ok(output) => output.expect("wait for script"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child, not yet reaped (it is still running).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("cove {arguments:?} on a terminal did not finish within {COMMAND_TIMEOUT:?}");
+        }
+    }
+}
+
 fn cove(coved: &Coved, arguments: &[&str]) -> Output {
     cove_in(&coved.directory, arguments, b"")
 }
@@ -188,6 +221,18 @@ fn image_launch_list_exec_files_config_profile_stop_delete() {
     );
     assert_eq!(output.status.code(), Some(3));
     assert_eq!(text(&output.stderr), "oops\n");
+    // Interactive (`-t`, on a terminal): coved closes the terminal's websocket once the
+    // command is done, and cove ends with its code.
+    let output = cove_on_terminal(
+        &coved.directory,
+        &["exec", "web", "-t", "--", "sh", "-c", "echo hi; exit 7"],
+    );
+    assert_eq!(output.status.code(), Some(7), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stdout).contains("hi"),
+        "{}",
+        text(&output.stdout)
+    );
     let output = cove_in(
         &coved.directory,
         &["exec", "web", "--", "cat"],

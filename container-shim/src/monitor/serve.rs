@@ -514,10 +514,7 @@ impl Monitor {
         let request = command
             .to_exec_request()
             .map_err(|error| error.to_string())?;
-        let mut process = if request.terminal.is_some() {
-            if !fds.is_empty() {
-                return Err(ProtocolError::StdioWithTerminal(fds.len()).to_string());
-            }
+        let mut process = if request.terminal.is_some() && fds.is_empty() {
             let pair = self
                 .container
                 .open_terminal(&request)
@@ -543,6 +540,8 @@ impl Monitor {
                 .map_err(|fds: Vec<OwnedFd>| ProtocolError::StdioMissing(fds.len()).to_string())?;
             // The caller's streams then belong to the command alone: closing them here (at
             // the end of this block) is what lets the caller see end-of-file when it ends.
+            // With `terminal` as well, they are the caller's own terminal, which the command
+            // takes as its controlling terminal (so that its hangup reaches the command).
             self.container
                 .exec_with_stdio(&request, [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()])
                 .map_err(|error| error.to_string())?

@@ -75,6 +75,9 @@ pub struct ExecSpec {
     pub stdin: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// The three fds are one terminal, which the command takes as its controlling terminal in
+    /// a session of its own (so that the terminal's hangup and signals reach it).
+    pub terminal: bool,
     /// Signals for the command while it runs (LXD's exec control `signal` messages); `None`
     /// when nobody can send any.
     pub signals: Option<Receiver<i32>>,

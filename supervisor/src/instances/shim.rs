@@ -267,7 +267,11 @@ impl Runtime for ShimRuntime {
             cwd: spec.cwd,
             uid: spec.uid,
             gid: spec.gid,
-            ..ExecCommand::default()
+            // The size is the caller's to set on its terminal; this only asks for the
+            // controlling terminal.
+            terminal: spec
+                .terminal
+                .then(|| cove_shim::terminal::size_of(spec.stdin.as_fd()).unwrap_or_default()),
         };
         let stdio = [spec.stdin.as_fd(), spec.stdout.as_fd(), spec.stderr.as_fd()];
         let refused = |error| match error {

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,9 @@ use axum::extract::{Path, State};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::instances::resources;
 use super::{accepted, json_body, ApiError, ApiResult};
@@ -43,6 +46,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long output may still come after the command exited (a background child can hold the
 /// pipe open for ever).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an interactive command whose client went away has after its terminal's hangup
+/// before it is killed.
+const HANGUP_GRACE: Duration = Duration::from_secs(2);
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
@@ -271,6 +277,7 @@ impl Command {
             stdin,
             stdout,
             stderr,
+            terminal: false,
             signals: None,
         }
     }
@@ -353,13 +360,23 @@ async fn close(sink: &mut SplitSink<WebSocket, Message>) {
         .await;
 }
 
-/// Copies `reader` to the websocket as binary messages, then closes it. Keeps reading after the
-/// client went away, so that the command never blocks on a full pipe.
-async fn forward_output(mut reader: tokio::fs::File, mut sink: SplitSink<WebSocket, Message>) {
+/// Copies `reader` to the websocket as binary messages, then closes it (and marks `closed`
+/// first, so that the client's answering close is not taken for a client gone). Keeps reading
+/// after the client went away, so that the command never blocks on a full pipe.
+async fn forward_output(
+    mut reader: tokio::fs::File,
+    mut sink: SplitSink<WebSocket, Message>,
+    closed: Arc<AtomicBool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut buffer = vec![0u8; 32 * 1024];
     let mut client_gone = false;
     loop {
-        match reader.read(&mut buffer).await {
+        let read = tokio::select! {
+            read = reader.read(&mut buffer) => read,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        match read {
             Ok(0) | Err(_) => break,
             Ok(read) => {
                 if !client_gone
@@ -373,21 +390,17 @@ async fn forward_output(mut reader: tokio::fs::File, mut sink: SplitSink<WebSock
             }
         }
     }
+    closed.store(true, Ordering::SeqCst);
     close(&mut sink).await;
 }
 
 /// Copies the websocket's binary messages to `writer` until end-of-file (a text message or a
 /// close), then closes `writer`.
-async fn forward_input(
-    mut stream: SplitStream<WebSocket>,
-    mut writer: tokio::fs::File,
-    text_is_end: bool,
-) {
+async fn forward_input(mut stream: SplitStream<WebSocket>, mut writer: tokio::fs::File) {
     while let Some(Ok(message)) = stream.next().await {
         let data = match message {
             Message::Binary(data) => data,
-            Message::Text(_) if text_is_end => break,
-            Message::Close(_) => break,
+            Message::Text(_) | Message::Close(_) => break,
             _ => continue,
         };
         if writer.write_all(&data).await.is_err() || writer.flush().await.is_err() {
@@ -397,13 +410,34 @@ async fn forward_input(
     let _ = writer.flush().await;
 }
 
+/// Consumes what a client sends on an output stream (its close, mostly). A client that goes
+/// away (close or lost connection) before coved closed the stream (`closed`) while the command
+/// runs gets the command killed, as LXD kills it when its stdout websocket goes.
+async fn watch_output_client(
+    mut stream: SplitStream<WebSocket>,
+    closed: Arc<AtomicBool>,
+    signals: Sender<i32>,
+    exited: tokio::sync::watch::Receiver<bool>,
+) {
+    while let Some(Ok(message)) = stream.next().await {
+        if matches!(message, Message::Close(_)) {
+            break;
+        }
+    }
+    if !closed.load(Ordering::SeqCst) && !*exited.borrow() {
+        let _ = signals.send(libc::SIGKILL);
+    }
+}
+
 /// Reads control messages (window size, signals for the command) until the client closes
-/// the stream or the command has finished, then closes it.
+/// the stream or the command has finished, then closes it. A client that closes it (or goes
+/// away) while the command runs gets the command killed, as LXD does.
 async fn control(
     socket: WebSocket,
-    controller: Option<Arc<OwnedFd>>,
+    resizes: Option<UnboundedSender<(u16, u16)>>,
     signals: Sender<i32>,
     mut finished: tokio::sync::watch::Receiver<bool>,
+    exited: tokio::sync::watch::Receiver<bool>,
 ) {
     let (mut sink, mut stream) = socket.split();
     loop {
@@ -411,27 +445,199 @@ async fn control(
             message = stream.next() => message,
             _ = finished.wait_for(|done| *done) => break,
         };
-        let Some(Ok(message)) = message else { break };
         let text = match message {
-            Message::Text(text) => text,
-            Message::Close(_) => break,
-            _ => continue,
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                if !*exited.borrow() {
+                    let _ = signals.send(libc::SIGKILL);
+                }
+                break;
+            }
+            Some(Ok(_)) => continue,
         };
         let Ok(request) = serde_json::from_str::<ExecControl>(&text) else {
             continue;
         };
         if request.command == "window-resize" {
             let dimension = |key: &str| request.args.get(key).and_then(|value| value.parse().ok());
-            if let (Some(controller), Some(width), Some(height)) =
-                (&controller, dimension("width"), dimension("height"))
+            if let (Some(resizes), Some(width), Some(height)) =
+                (&resizes, dimension("width"), dimension("height"))
             {
-                resize(controller, width, height);
+                let _ = resizes.send((width, height));
             }
         } else if request.command == "signal" && request.signal > 0 {
             let _ = signals.send(request.signal);
         }
     }
     close(&mut sink).await;
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on an fd the caller owns.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fcntl on an fd the caller owns.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn read_fd(fd: &OwnedFd, buffer: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: `buffer` is valid for writes of its length.
+    let read = unsafe { libc::read(fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
+    if read < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(read as usize)
+}
+
+fn write_fd(fd: &OwnedFd, data: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: `data` is valid for reads of its length.
+    let written = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+    if written < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(written as usize)
+}
+
+/// What woke a terminal session.
+enum Event {
+    Nothing,
+    /// This many bytes of output are in the buffer.
+    Output(usize),
+    /// The command's side of the terminal is closed (or coved stops waiting for it).
+    Drained,
+    ClientGone,
+}
+
+/// What an interactive exec's terminal session needs besides the terminal.
+struct Session {
+    socket: Option<WebSocket>,
+    resizes: UnboundedReceiver<(u16, u16)>,
+    signals: Sender<i32>,
+    /// Set once the command has exited.
+    exited: tokio::sync::watch::Receiver<bool>,
+    /// Set when the output may no longer be waited for (a background child holds the
+    /// terminal after the command exited).
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Carries an interactive command's terminal over websocket `0`, both ways, as LXD does:
+/// output goes out until the terminal's last command side closes (the controller reads EIO),
+/// then coved closes the websocket (close frame 1000). A client that goes away (its close, or
+/// a lost connection) first gets the terminal hung up (coved closes the controller, so the
+/// kernel sends SIGHUP to the command's session), and the command killed if it still runs
+/// after a short grace.
+async fn terminal_session(controller: OwnedFd, session: Session) {
+    let Session {
+        socket,
+        mut resizes,
+        signals,
+        mut exited,
+        mut stop,
+    } = session;
+    if set_nonblocking(&controller).is_err() {
+        return;
+    }
+    // SAFETY: an OwnedFd's raw fd stays open, and the same, for as long as it is owned.
+    let Ok(controller) = (unsafe { AsyncFd::register(controller) }) else {
+        return;
+    };
+    let (mut sink, mut stream) = match socket {
+        Some(socket) => {
+            let (sink, stream) = socket.split();
+            (Some(sink), Some(stream))
+        }
+        None => (None, None),
+    };
+    let mut buffer = vec![0u8; 32 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut client_gone = false;
+    loop {
+        let event = tokio::select! {
+            ready = controller.readable() => match ready {
+                Ok(mut guard) => match guard.try_io(|inner| read_fd(inner.get_ref(), &mut buffer)) {
+                    // EIO: the command's side is closed, the output drained.
+                    Ok(Ok(0)) | Ok(Err(_)) => Event::Drained,
+                    Ok(Ok(read)) => Event::Output(read),
+                    Err(_would_block) => Event::Nothing,
+                },
+                Err(_) => Event::Drained,
+            },
+            ready = controller.writable(), if !pending.is_empty() => {
+                if let Ok(mut guard) = ready {
+                    match guard.try_io(|inner| write_fd(inner.get_ref(), &pending)) {
+                        Ok(Ok(written)) => {
+                            pending.drain(..written);
+                        }
+                        Ok(Err(_)) => pending.clear(),
+                        Err(_would_block) => {}
+                    }
+                } else {
+                    pending.clear();
+                }
+                Event::Nothing
+            }
+            message = next_message(&mut stream), if stream.is_some() && pending.is_empty() => {
+                match message {
+                    Some(Ok(Message::Binary(data))) => {
+                        pending.extend_from_slice(&data);
+                        Event::Nothing
+                    }
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Event::ClientGone,
+                    Some(Ok(_)) => Event::Nothing,
+                }
+            }
+            Some((width, height)) = resizes.recv() => {
+                resize(controller.get_ref(), width, height);
+                Event::Nothing
+            }
+            _ = stop.wait_for(|stop| *stop) => Event::Drained,
+        };
+        match event {
+            Event::Nothing => {}
+            Event::Drained => break,
+            Event::ClientGone => {
+                client_gone = true;
+                break;
+            }
+            Event::Output(read) => {
+                if let Some(open) = sink.as_mut() {
+                    let message = Message::Binary(buffer[..read].to_vec().into());
+                    if open.send(message).await.is_err() {
+                        client_gone = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if client_gone {
+        // The hangup: the kernel sends SIGHUP to the command's session as the controller
+        // closes; a command that ignores it is killed.
+        drop(controller);
+        drop(sink);
+        tokio::select! {
+            _ = exited.wait_for(|done| *done) => {}
+            () = tokio::time::sleep(HANGUP_GRACE) => { let _ = signals.send(libc::SIGKILL); }
+        }
+        return;
+    }
+    if let Some(sink) = sink.as_mut() {
+        close(sink).await;
+    }
+}
+
+async fn next_message(
+    stream: &mut Option<SplitStream<WebSocket>>,
+) -> Option<Result<Message, axum::Error>> {
+    match stream {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn streamed(
@@ -447,9 +653,12 @@ async fn streamed(
         HashMap::new()
     };
     let io_error = |error: std::io::Error| format!("cannot set up the command's streams: {error}");
+    let (signal_sender, signal_receiver) = std::sync::mpsc::channel();
+    let (exited, exited_receiver) = tokio::sync::watch::channel(false);
+    let (stop, stop_receiver) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     let mut sinks_to_close = Vec::new();
-    let controller;
+    let resizes;
     let spec;
     if command.request.interactive {
         let width = command.request.width.unwrap_or(80).clamp(1, 1000) as u16;
@@ -468,19 +677,23 @@ async fn streamed(
         };
         let stdin = terminal.try_clone().map_err(io_error)?;
         let stdout = terminal.try_clone().map_err(io_error)?;
-        spec = command.spec(stdin, stdout, terminal);
-        let reader = async_file(terminal_controller.try_clone().map_err(io_error)?);
-        let writer = async_file(terminal_controller.try_clone().map_err(io_error)?);
-        controller = Some(Arc::new(terminal_controller));
-        if let Some(socket) = connected.remove("0") {
-            let (sink, stream) = socket.split();
-            tasks.push(tokio::spawn(forward_output(reader, sink)));
-            tokio::spawn(forward_input(stream, writer, false));
-        } else {
-            tasks.push(tokio::spawn(drain(reader)));
-        }
+        spec = ExecSpec {
+            terminal: true,
+            ..command.spec(stdin, stdout, terminal)
+        };
+        let (resize_sender, resize_receiver) = tokio::sync::mpsc::unbounded_channel();
+        resizes = Some(resize_sender);
+        let session = Session {
+            socket: connected.remove("0"),
+            resizes: resize_receiver,
+            signals: signal_sender.clone(),
+            exited: exited_receiver.clone(),
+            stop: stop_receiver.clone(),
+        };
+        // The session holds the only copy of the controller: its closing is the hangup.
+        tasks.push(tokio::spawn(terminal_session(terminal_controller, session)));
     } else {
-        controller = None;
+        resizes = None;
         let (stdin_read, stdin_write) = pipe().map_err(io_error)?;
         let (stdout_read, stdout_write) = pipe().map_err(io_error)?;
         let (stderr_read, stderr_write) = pipe().map_err(io_error)?;
@@ -489,7 +702,7 @@ async fn streamed(
             Some(socket) => {
                 let (sink, stream) = socket.split();
                 sinks_to_close.push(sink);
-                tokio::spawn(forward_input(stream, async_file(stdin_write), true));
+                tokio::spawn(forward_input(stream, async_file(stdin_write)));
             }
             None => drop(stdin_write),
         }
@@ -498,14 +711,24 @@ async fn streamed(
             match connected.remove(fd) {
                 Some(socket) => {
                     let (sink, stream) = socket.split();
-                    tasks.push(tokio::spawn(forward_output(reader, sink)));
-                    tokio::spawn(ignore_input(stream));
+                    let closed = Arc::new(AtomicBool::new(false));
+                    tasks.push(tokio::spawn(forward_output(
+                        reader,
+                        sink,
+                        closed.clone(),
+                        stop_receiver.clone(),
+                    )));
+                    tokio::spawn(watch_output_client(
+                        stream,
+                        closed,
+                        signal_sender.clone(),
+                        exited_receiver.clone(),
+                    ));
                 }
-                None => tasks.push(tokio::spawn(drain(reader))),
+                None => tasks.push(tokio::spawn(drain(reader, stop_receiver.clone()))),
             }
         }
     }
-    let (signal_sender, signal_receiver) = std::sync::mpsc::channel();
     let spec = ExecSpec {
         signals: Some(signal_receiver),
         ..spec
@@ -514,16 +737,18 @@ async fn streamed(
     if let Some(socket) = connected.remove("control") {
         tokio::spawn(control(
             socket,
-            controller.clone(),
+            resizes.clone(),
             signal_sender.clone(),
             finished_receiver.clone(),
+            exited_receiver.clone(),
         ));
     }
     // A control stream that connects later.
     {
-        let controller = controller.clone();
+        let resizes = resizes.clone();
         let signals = signal_sender;
         let mut finished = finished_receiver.clone();
+        let exited = exited_receiver.clone();
         tokio::spawn(async move {
             loop {
                 let socket = tokio::select! {
@@ -534,9 +759,10 @@ async fn streamed(
                     Some((fd, socket)) if fd == "control" => {
                         tokio::spawn(control(
                             socket,
-                            controller.clone(),
+                            resizes.clone(),
                             signals.clone(),
                             finished.clone(),
+                            exited.clone(),
                         ));
                     }
                     Some(_) => {}
@@ -548,15 +774,24 @@ async fn streamed(
 
     let runtime = daemon.runtime.clone();
     let name = command.name.clone();
+    // The spec (with coved's copies of the command's ends) goes with the exec, so that the
+    // output ends when the command's side closes.
     let result = blocking(move || runtime.exec(&name, spec)).await;
-    // Our copies of the terminal's controller must go for the output to end.
-    drop(controller);
+    exited.send_replace(true);
+    let mut tasks = tasks;
     let drained = async {
-        for task in tasks {
+        for task in tasks.iter_mut() {
             let _ = task.await;
         }
     };
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, drained).await;
+    if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
+        // A background child holds the output open: stop waiting for it, closing the
+        // websockets all the same.
+        stop.send_replace(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
     for mut sink in sinks_to_close {
         close(&mut sink).await;
     }
@@ -568,20 +803,15 @@ async fn streamed(
 }
 
 /// Reads and discards output nobody listens to.
-async fn drain(mut reader: tokio::fs::File) {
+async fn drain(mut reader: tokio::fs::File, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut buffer = vec![0u8; 16 * 1024];
-    while let Ok(read) = reader.read(&mut buffer).await {
-        if read == 0 {
-            break;
-        }
-    }
-}
-
-/// Consumes what a client sends on an output stream (its close, mostly).
-async fn ignore_input(mut stream: SplitStream<WebSocket>) {
-    while let Some(Ok(message)) = stream.next().await {
-        if matches!(message, Message::Close(_)) {
-            break;
+    loop {
+        tokio::select! {
+            read = reader.read(&mut buffer) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            _ = stop.wait_for(|stop| *stop) => break,
         }
     }
 }
