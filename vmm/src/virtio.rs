@@ -10,9 +10,9 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use cove_devices::bus::lock;
+use cove_devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use cove_devices::virtio::net::{MacAddress, Net, Tap};
 use cove_devices::virtio::vsock::Vsock;
-use cove_devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use cove_devices::virtio::{
     Block, BlockConfig, MmioTransport, Rng, VirtioDevice, MMIO_REGION_SIZE,
 };
@@ -25,7 +25,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::x86_64::layout::{FIRST_VIRTIO_IRQ, VIRTIO_MMIO_START};
-
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioSetupError {
@@ -149,6 +148,7 @@ impl Model {
                     "capacity_sectors": device.capacity_sectors(),
                     "requests": counters.requests,
                     "failed_requests": counters.failed_requests,
+                    "bounced_requests": counters.bounced_requests,
                 })
             }
             Self::Net(device) => {
@@ -343,6 +343,34 @@ impl VirtioDevices {
                     source,
                 })?;
             slot.transport = Some(transport);
+        }
+        Ok(())
+    }
+
+    /// Starts each disk's I/O worker threads, each of which installs the block-worker seccomp
+    /// filter before it touches a request. Runs while building the VM: once the event loop's
+    /// filter is on, no thread can be created.
+    pub fn start_block_workers(
+        &self,
+        filter: Option<seccompiler::BpfProgram>,
+    ) -> Result<(), VirtioSetupError> {
+        let filter = Arc::new(filter);
+        let hook: cove_devices::virtio::block::ThreadStartHook = Arc::new(move || {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::BlockWorker, &filter)
+                .map_err(|error| error.into())
+        });
+        let mut disk = 0;
+        for slot in &self.slots {
+            if let Model::Block { device, path, .. } = &slot.model {
+                lock(device).start_workers(hook.clone()).map_err(|source| {
+                    VirtioSetupError::Disk {
+                        index: disk,
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                disk += 1;
+            }
         }
         Ok(())
     }

@@ -315,6 +315,7 @@ impl Vm {
             .map_err(kvm_error("report its supported CPUID"))?;
         let vcpu_filter = seccomp::filter(ThreadKind::Vcpu, config.seccomp)?;
         let event_loop_filter = seccomp::filter(ThreadKind::EventLoop, config.seccomp)?;
+        virtio.start_block_workers(seccomp::filter(ThreadKind::BlockWorker, config.seccomp)?)?;
         let mut vcpus = Vec::new();
         for index in 0..config.cpus.boot {
             let fd = vm_fd

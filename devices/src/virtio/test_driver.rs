@@ -304,6 +304,34 @@ impl TestDriver {
         entries
     }
 
+    /// The used-ring entries of `count` requests, waiting for them as the event loop would for a
+    /// device that completes requests on threads of its own: polls its `backend_fd` and calls
+    /// `process_backend`. Panics if they have not all come back within 10 seconds.
+    pub fn wait_used(&mut self, queue: u16, count: usize) -> Vec<(u32, u32)> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut used = self.take_used(queue);
+        while used.len() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} of {count} requests came back",
+                used.len()
+            );
+            let fd = lock(&self.device).backend_fd();
+            if let Some(fd) = fd {
+                let mut poll = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, for the length given; poll only writes `revents`.
+                unsafe { libc::poll(&mut poll, 1, 10) };
+            }
+            lock(&self.device).process_backend().unwrap();
+            used.extend(self.take_used(queue));
+        }
+        used
+    }
+
     /// Sets `used_event`: the driver wants an interrupt once the used index passes it.
     pub fn set_used_event(&mut self, queue: u16, value: u16) {
         let state = &self.queues[usize::from(queue)];

@@ -60,18 +60,27 @@ struct Disk {
 }
 
 fn disk(read_only: bool, features: u64) -> Disk {
-    disk_opened(read_only, false, features)
+    disk_opened(read_only, false, true, features)
 }
 
-fn disk_opened(read_only: bool, direct: bool, features: u64) -> Disk {
+/// A hook for worker threads that has nothing to prepare (the VMM installs a seccomp filter).
+fn no_preparation() -> ThreadStartHook {
+    Arc::new(|| Ok(()))
+}
+
+/// A disk over a fresh patterned image; `workers` starts its I/O threads, as the VMM does.
+fn disk_opened(read_only: bool, direct: bool, workers: bool, features: u64) -> Disk {
     let image = patterned_image();
-    let block = Block::new(&BlockConfig {
+    let mut block = Block::new(&BlockConfig {
         path: image.path().to_path_buf(),
         read_only,
         id: "cove-disk-0".into(),
         direct,
     })
     .unwrap();
+    if workers {
+        block.start_workers(no_preparation()).unwrap();
+    }
     let block = Arc::new(Mutex::new(block));
     let mut driver = TestDriver::new(block.clone());
     let offered = driver.device_features();
@@ -101,7 +110,7 @@ impl Disk {
     fn request(&mut self, request_type: u32, sector: u64, data: &[Buffer]) -> (u8, u32) {
         let head = self.push(request_type, sector, data);
         self.driver.kick(0);
-        let used = self.driver.take_used(0);
+        let used = self.driver.wait_used(0, 1);
         assert_eq!(used.len(), 1);
         assert_eq!(used[0].0, u32::from(head));
         (self.driver.read_bytes(STATUS, 1)[0], used[0].1)
@@ -219,7 +228,7 @@ fn sectors_the_driver_writes_are_found_in_the_image() {
 
 #[test]
 fn a_direct_disk_moves_unaligned_guest_buffers_through_its_bounce_buffer() {
-    let mut disk = disk_opened(false, true, ALL_FEATURES);
+    let mut disk = disk_opened(false, true, true, ALL_FEATURES);
     let (status, used) = disk.request(
         VIRTIO_BLK_T_IN,
         10,
@@ -252,6 +261,139 @@ fn a_direct_disk_moves_unaligned_guest_buffers_through_its_bounce_buffer() {
     assert_eq!(sector_of(&disk.image, 6), vec![0x5a; 512]);
     assert_eq!(sector_of(&disk.image, 7), vec![7; 512]);
     assert_eq!(disk.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
+    assert_eq!(lock(&disk.block).counters().bounced_requests, 2);
+}
+
+#[test]
+fn a_direct_disk_moves_aligned_guest_buffers_without_bouncing() {
+    let mut disk = disk_opened(false, true, true, ALL_FEATURES);
+    let (status, used) = disk.request(
+        VIRTIO_BLK_T_IN,
+        10,
+        &[
+            Buffer::writable(DATA + 0x2000, 512),
+            Buffer::writable(DATA + 0x3200, 1024),
+        ],
+    );
+    assert_eq!((status, used), (OK, 1537));
+    assert_eq!(disk.driver.read_bytes(DATA + 0x2000, 512), vec![10; 512]);
+    let mut expected = vec![11u8; 512];
+    expected.extend_from_slice(&[12; 512]);
+    assert_eq!(disk.driver.read_bytes(DATA + 0x3200, 1024), expected);
+
+    disk.driver.write_bytes(DATA, &[0x3c; 4096]);
+    assert_eq!(
+        disk.request(VIRTIO_BLK_T_OUT, 20, &[Buffer::readable(DATA, 4096)]),
+        (OK, 1)
+    );
+    for sector in 20..28 {
+        assert_eq!(sector_of(&disk.image, sector), vec![0x3c; 512]);
+    }
+    assert_eq!(sector_of(&disk.image, 28), vec![28; 512]);
+    assert_eq!(lock(&disk.block).counters().bounced_requests, 0);
+}
+
+/// Queues one single-sector write per sector of the disk, each with its own header, data and
+/// status byte, all in flight at once on a 256-entry queue.
+fn write_every_sector(disk: &mut Disk, fill: impl Fn(u64) -> u8) -> Vec<u32> {
+    let mut heads = Vec::new();
+    for sector in 0..SECTORS {
+        let header_address = DATA + 0x4_0000 + sector * 16;
+        let buffer = DATA + sector * 512;
+        let status = STATUS + 1 + sector;
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        disk.driver.write_bytes(header_address, &header);
+        disk.driver.write_bytes(buffer, &[fill(sector); 512]);
+        disk.driver.write_bytes(status, &[0xff]);
+        heads.push(u32::from(disk.driver.push_chain(
+            0,
+            &[
+                Buffer::readable(header_address, 16),
+                Buffer::readable(buffer, 512),
+                Buffer::writable(status, 1),
+            ],
+        )));
+    }
+    disk.driver.kick(0);
+    heads
+}
+
+#[test]
+fn many_requests_in_flight_all_land_and_a_flush_follows_them() {
+    let mut disk = disk(false, ALL_FEATURES);
+    disk.driver.initialise(ALL_FEATURES, 256);
+    let mut heads = write_every_sector(&mut disk, |sector| 0x80 | sector as u8);
+    let mut used = disk.driver.wait_used(0, SECTORS as usize);
+    used.sort_unstable();
+    heads.sort_unstable();
+    assert_eq!(
+        used,
+        heads.iter().map(|&head| (head, 1)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        disk.driver.read_bytes(STATUS + 1, SECTORS as usize),
+        vec![OK; SECTORS as usize]
+    );
+    for sector in 0..SECTORS {
+        assert_eq!(
+            sector_of(&disk.image, sector),
+            vec![0x80 | sector as u8; 512]
+        );
+    }
+    assert_eq!(disk.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
+    let counters = lock(&disk.block).counters();
+    assert_eq!((counters.requests, counters.failed_requests), (65, 0));
+}
+
+#[test]
+fn a_reset_with_requests_in_flight_waits_for_them_and_the_device_starts_over() {
+    let mut disk = disk(false, ALL_FEATURES);
+    disk.driver.initialise(ALL_FEATURES, 256);
+    write_every_sector(&mut disk, |_| 0xee);
+    // The driver resets while the workers have the writes.
+    disk.driver.write(offset::STATUS, 0);
+    assert_eq!(disk.driver.status(), 0);
+    assert!(!lock(&disk.block).is_activated());
+    // Nothing comes back for the old queue, and the completion event is quiet.
+    lock(&disk.block).process_backend().unwrap();
+    assert_eq!(disk.driver.take_used(0), vec![]);
+    let fd = lock(&disk.block).backend_fd().unwrap();
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the length given; poll only writes `revents`.
+    assert_eq!(unsafe { libc::poll(&mut poll, 1, 0) }, 0);
+
+    disk.driver.initialise(ALL_FEATURES, 256);
+    write_every_sector(&mut disk, |sector| sector as u8 ^ 0x55);
+    assert_eq!(
+        disk.driver.wait_used(0, SECTORS as usize).len(),
+        SECTORS as usize
+    );
+    for sector in 0..SECTORS {
+        assert_eq!(
+            sector_of(&disk.image, sector),
+            vec![sector as u8 ^ 0x55; 512]
+        );
+    }
+}
+
+#[test]
+fn without_workers_requests_run_inside_process_queue() {
+    let mut disk = disk_opened(false, false, false, ALL_FEATURES);
+    disk.driver.write_bytes(DATA, &[0x42; 512]);
+    let head = disk.push(VIRTIO_BLK_T_OUT, 3, &[Buffer::readable(DATA, 512)]);
+    disk.driver.kick(0);
+    assert_eq!(disk.driver.take_used(0), vec![(u32::from(head), 1)]);
+    assert_eq!(sector_of(&disk.image, 3), vec![0x42; 512]);
+    let head = disk.push(VIRTIO_BLK_T_IN, 4, &[Buffer::writable(DATA, 512)]);
+    disk.driver.kick(0);
+    assert_eq!(disk.driver.take_used(0), vec![(u32::from(head), 513)]);
+    assert_eq!(disk.driver.read_bytes(DATA, 512), vec![4; 512]);
 }
 
 #[test]
@@ -470,7 +612,7 @@ fn indirect_descriptor_tables_are_followed() {
         }],
     );
     disk.driver.kick(0);
-    assert_eq!(disk.driver.take_used(0), vec![(u32::from(head), 513)]);
+    assert_eq!(disk.driver.wait_used(0, 1), vec![(u32::from(head), 513)]);
     assert_eq!(disk.driver.read_bytes(STATUS, 1), vec![OK]);
     assert_eq!(disk.driver.read_bytes(DATA, 512), vec![12; 512]);
 }
@@ -502,7 +644,10 @@ fn the_queue_wraps_around() {
             )));
         }
         disk.driver.kick(0);
-        let used = disk.driver.take_used(0);
+        let mut used = disk.driver.wait_used(0, 5);
+        // Workers finish in any order.
+        used.sort_unstable();
+        heads.sort_unstable();
         assert_eq!(
             used,
             heads.iter().map(|&head| (head, 1)).collect::<Vec<_>>()
