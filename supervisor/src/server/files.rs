@@ -463,6 +463,7 @@ pub async fn push(
                 })?;
                 written += chunk.len() as u64;
                 if written > limit {
+                    super::drain(&mut stream).await;
                     if !existed {
                         let _ = unlink(&target, &path);
                     }

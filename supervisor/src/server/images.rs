@@ -272,6 +272,7 @@ where
         fingerprinter.update(&chunk);
         size += chunk.len() as u64;
         if fingerprinter.size() > limit {
+            super::drain(&mut stream).await;
             return Err(ImageError::TooLarge { limit }.into());
         }
         file.write_all(&chunk)

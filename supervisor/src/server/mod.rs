@@ -21,6 +21,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -337,6 +338,25 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ServeError::Serve)
+}
+
+/// How much of a refused upload is still read (and thrown away) before the answer goes out.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Reads and drops what the client is still sending, up to [`DRAIN_LIMIT`], so that a client
+/// that writes its whole request before reading gets the 413 instead of a connection reset
+/// (closing a socket with unread bytes makes the kernel answer with a reset).
+pub(super) async fn drain<S, E>(stream: &mut S)
+where
+    S: futures_util::Stream<Item = Result<axum::body::Bytes, E>> + Unpin,
+{
+    let mut drained = 0u64;
+    while let Some(Ok(chunk)) = stream.next().await {
+        drained += chunk.len() as u64;
+        if drained > DRAIN_LIMIT {
+            break;
+        }
+    }
 }
 
 #[cfg(test)]
