@@ -168,8 +168,9 @@ pub fn rfc3339(time: SystemTime) -> String {
     )
 }
 
-/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's algorithm); coved's
+/// timestamps use it too.
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);

@@ -6,14 +6,17 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cove_shim::exec::DEFAULT_PATH;
 use cove_shim::{BridgedNic, Container, ContainerConfig, ExecRequest, Host, Network, Status};
 
-use super::runtime::{ExecSpec, LaunchSpec, Runtime, RuntimeError, RuntimeState, RuntimeStatus};
+use super::runtime::{
+    move_container_directory, ExecSpec, LaunchSpec, Runtime, RuntimeError, RuntimeState,
+    RuntimeStatus,
+};
 
 #[derive(Debug)]
 pub struct LibraryRuntime {
@@ -213,29 +216,11 @@ impl Runtime for LibraryRuntime {
         // The stopped container's directory, with its files, moves to the new name.
         lock(&self.containers).remove(name);
         self.delete(new_name)?;
-        let from = self.host.containers_directory.join(name);
-        let to = self.host.containers_directory.join(new_name);
-        if from.exists() {
-            std::fs::rename(&from, &to).map_err(|source| RuntimeError::Io {
-                what: format!("cannot move {} to {}", from.display(), to.display()),
-                source,
-            })?;
-        }
-        Ok(())
+        move_container_directory(&self.host.containers_directory, name, new_name)
     }
 
-    fn root(&self, name: &str) -> PathBuf {
-        self.host
-            .containers_directory
-            .join(name)
-            .join(cove_shim::rootfs::ROOT)
-    }
-
-    fn console_log(&self, name: &str) -> PathBuf {
-        self.host
-            .containers_directory
-            .join(name)
-            .join("console.log")
+    fn containers_directory(&self) -> &Path {
+        &self.host.containers_directory
     }
 
     fn running(&self) -> Vec<String> {

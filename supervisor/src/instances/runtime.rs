@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
@@ -129,12 +129,39 @@ pub trait Runtime: Send + Sync + 'static {
     /// Moves what the runtime keeps for a stopped container to a new name.
     fn rename(&self, name: &str, new_name: &str) -> Result<(), RuntimeError>;
 
+    /// Where the containers' directories (snapshot, console log) live.
+    fn containers_directory(&self) -> &Path;
+
     /// The container's root as mounted on the host, while it runs.
-    fn root(&self, name: &str) -> PathBuf;
+    fn root(&self, name: &str) -> PathBuf {
+        self.containers_directory()
+            .join(name)
+            .join(cove_shim::rootfs::ROOT)
+    }
 
     /// The console log, which stays after the container stopped.
-    fn console_log(&self, name: &str) -> PathBuf;
+    fn console_log(&self, name: &str) -> PathBuf {
+        self.containers_directory().join(name).join("console.log")
+    }
 
     /// The containers this runtime finds running (from its run directory), at coved's start.
     fn running(&self) -> Vec<String>;
+}
+
+/// Moves a stopped container's directory, with its files, to a new name (the caller has
+/// removed whatever held the new name).
+pub fn move_container_directory(
+    containers_directory: &Path,
+    name: &str,
+    new_name: &str,
+) -> Result<(), RuntimeError> {
+    let from = containers_directory.join(name);
+    let to = containers_directory.join(new_name);
+    if from.exists() {
+        std::fs::rename(&from, &to).map_err(|source| RuntimeError::Io {
+            what: format!("cannot move {} to {}", from.display(), to.display()),
+            source,
+        })?;
+    }
+    Ok(())
 }

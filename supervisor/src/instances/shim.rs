@@ -6,7 +6,7 @@
 //! coved holds nothing about a running container in memory.
 
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -15,7 +15,10 @@ use cove_shim::monitor::run_directory::is_same_process;
 use cove_shim::monitor::{client, MonitorError, RunDirectory};
 use cove_shim::Host;
 
-use super::runtime::{ExecSpec, LaunchSpec, Runtime, RuntimeError, RuntimeState, RuntimeStatus};
+use super::runtime::{
+    move_container_directory, ExecSpec, LaunchSpec, Runtime, RuntimeError, RuntimeState,
+    RuntimeStatus,
+};
 
 /// How often a running exec looks for signals to pass on.
 const SIGNAL_POLL_MILLISECONDS: i32 = 50;
@@ -323,29 +326,11 @@ impl Runtime for ShimRuntime {
         }
         self.forget_run(name)?;
         self.delete(new_name)?;
-        let from = self.host.containers_directory.join(name);
-        let to = self.host.containers_directory.join(new_name);
-        if from.exists() {
-            std::fs::rename(&from, &to).map_err(|source| RuntimeError::Io {
-                what: format!("cannot move {} to {}", from.display(), to.display()),
-                source,
-            })?;
-        }
-        Ok(())
+        move_container_directory(&self.host.containers_directory, name, new_name)
     }
 
-    fn root(&self, name: &str) -> PathBuf {
-        self.host
-            .containers_directory
-            .join(name)
-            .join(cove_shim::rootfs::ROOT)
-    }
-
-    fn console_log(&self, name: &str) -> PathBuf {
-        self.host
-            .containers_directory
-            .join(name)
-            .join("console.log")
+    fn containers_directory(&self) -> &Path {
+        &self.host.containers_directory
     }
 
     fn running(&self) -> Vec<String> {
