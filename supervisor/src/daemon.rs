@@ -481,6 +481,16 @@ impl Daemon {
     /// At coved's start: re-attach to what runs, finish acknowledged starts, autostart, clean
     /// up. Runs in the background; each instance under its lock.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), DaemonError> {
+        let daemon = self.clone();
+        blocking(move || daemon.remove_unrecorded_snapshots()).await?;
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                ticks.tick().await;
+                daemon.prune_expired_snapshots().await;
+            }
+        });
         let records = self.store.instances()?;
         let runtime = self.runtime.clone();
         let running = blocking(move || runtime.running()).await?;

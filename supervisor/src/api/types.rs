@@ -343,6 +343,12 @@ pub struct InstanceSource {
     pub protocol: String,
     #[serde(default, deserialize_with = "nullable")]
     pub mode: String,
+    /// `type: copy`: the instance (`NAME`) or snapshot (`NAME/SNAPSHOT`) to copy.
+    #[serde(default, deserialize_with = "nullable")]
+    pub source: String,
+    /// `type: copy`: leave the source's snapshots behind.
+    #[serde(default, deserialize_with = "nullable")]
+    pub instance_only: bool,
 }
 
 /// PUT /1.0/instances/<name> (and PATCH, where a missing field keeps its value).
@@ -693,4 +699,65 @@ mod tests {
         assert!(StatusCode::Cancelled.is_final());
         assert!(!StatusCode::Running.is_final());
     }
+}
+
+/// An instance snapshot (`/1.0/instances/<name>/snapshots/<snapshot>`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct InstanceSnapshot {
+    pub name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub description: String,
+    pub architecture: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub config: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub devices: BTreeMap<String, Device>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub expanded_config: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub expanded_devices: BTreeMap<String, Device>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub profiles: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub ephemeral: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    pub stateful: bool,
+    pub created_at: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub expires_at: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub last_used_at: String,
+    /// Bytes on disk that the snapshot holds.
+    #[serde(default, deserialize_with = "nullable")]
+    pub size: i64,
+}
+
+/// POST /1.0/instances/<name>/snapshots
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct InstanceSnapshotsPost {
+    /// Empty: the next free `snapN`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub stateful: bool,
+    /// RFC 3339; absent or LXD's zero time: never.
+    #[serde(default, deserialize_with = "nullable")]
+    pub expires_at: String,
+}
+
+/// POST /1.0/instances/<name>/snapshots/<snapshot>: a rename.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct InstanceSnapshotPost {
+    pub name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub migration: bool,
+}
+
+/// PUT and PATCH /1.0/instances/<name>/snapshots/<snapshot>.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct InstanceSnapshotPut {
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
 }

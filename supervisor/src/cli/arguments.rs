@@ -21,8 +21,11 @@ Instances:
   stop NAME... [-f|--force] [--timeout SECONDS]
   restart NAME... [-f|--force] [--timeout SECONDS]
   pause NAME...
-  delete NAME... [-f|--force]
-  rename NAME NEW_NAME
+  delete NAME... [-f|--force]       (NAME/SNAPSHOT deletes a snapshot)
+  rename NAME NEW_NAME              (NAME/SNAPSHOT NAME/NEW renames a snapshot)
+  snapshot NAME [SNAPSHOT] [--expiry TIME]
+  restore NAME SNAPSHOT
+  copy SOURCE[/SNAPSHOT] TARGET [--instance-only] [-c KEY=VALUE]... [-e|--ephemeral]
   list [PREFIX] [-f|--format table|json|yaml|csv] [-c|--columns ns46tS]
   info NAME
   exec NAME [--env KEY=VALUE]... [--cwd DIR] [--user UID] [--group GID] [-t|-T] [-n] -- COMMAND...
@@ -190,7 +193,7 @@ pub enum Command {
     },
     AliasDelete(String),
     AliasList(Format),
-    Snapshot,
+    Snapshots(super::snapshots::SnapshotCommand),
 }
 
 fn format_flag(parsed: &Parsed) -> Result<Format, CliError> {
@@ -680,7 +683,9 @@ fn subcommand_of(subcommand: &str, arguments: &[String]) -> Result<Command, CliE
         "config" => config(arguments)?,
         "profile" => profile(arguments)?,
         "image" => image(arguments)?,
-        "snapshot" => Command::Snapshot,
+        "snapshot" | "restore" | "copy" | "cp" => {
+            Command::Snapshots(super::snapshots::parse(subcommand, arguments)?)
+        }
         other => return Err(usage(format!("unknown command \"{other}\""))),
     })
 }

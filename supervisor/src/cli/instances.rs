@@ -80,6 +80,10 @@ pub fn change_state(
 
 pub fn delete(client: &Client, names: &[String], force: bool) -> Result<(), CliError> {
     for name in names {
+        if let Some((instance, snapshot)) = super::snapshots::split(name) {
+            super::snapshots::delete(client, instance, snapshot)?;
+            continue;
+        }
         let instance: Instance = client.get(&url(name))?;
         if instance.status_code != StatusCode::Stopped.code() {
             if !force {
@@ -100,6 +104,9 @@ pub fn delete(client: &Client, names: &[String], force: bool) -> Result<(), CliE
 }
 
 pub fn rename(client: &Client, name: &str, new_name: &str) -> Result<(), CliError> {
+    if let Some((instance, snapshot)) = super::snapshots::split(name) {
+        return super::snapshots::rename(client, instance, snapshot, new_name);
+    }
     client.run("POST", &url(name), Some(&json!({"name": new_name})))?;
     Ok(())
 }
@@ -322,7 +329,12 @@ pub fn info_text(instance: &Instance, state: &InstanceState) -> String {
 pub fn info(client: &Client, name: &str) -> Result<(), CliError> {
     let instance: Instance = client.get(&url(name))?;
     let state: InstanceState = client.get(&format!("{}/state", url(name)))?;
-    print(&info_text(&instance, &state));
+    let snapshots = super::snapshots::list(client, name)?;
+    print(&format!(
+        "{}{}",
+        info_text(&instance, &state),
+        super::snapshots::info_text(&snapshots)
+    ));
     Ok(())
 }
 

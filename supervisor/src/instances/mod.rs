@@ -2,6 +2,7 @@
 //! and the configuration rules between the two.
 
 pub mod config;
+pub mod layers;
 pub mod library;
 pub mod runtime;
 pub mod shim;

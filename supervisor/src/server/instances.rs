@@ -57,8 +57,8 @@ pub fn routes() -> Router<Arc<Daemon>> {
         )
         .route("/{name}/logs", get(logs))
         .route("/{name}/logs/{file}", get(log).delete(delete_log))
-        .route("/{name}/snapshots", get(snapshots).post(create_snapshot))
-        .route("/{name}/backups", get(snapshots))
+        .route("/{name}/backups", get(backups))
+        .merge(super::snapshots::routes())
 }
 
 /// The resources an instance operation names (LXD lists both spellings).
@@ -116,7 +116,7 @@ async fn list(State(daemon): State<Arc<Daemon>>, query: Query) -> ApiResult {
                 views.push(InstanceFull {
                     instance: daemon.instance_view_with(record, state.status, &profiles),
                     state: Some(state_view(&state)),
-                    snapshots: Vec::new(),
+                    snapshots: super::snapshots::views(&daemon, &record.name),
                     backups: Vec::new(),
                 });
             }
@@ -205,6 +205,9 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
     let request: InstancesPost = json_body(body).await?;
     config::validate_name(&request.name)
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    if request.source.kind == "copy" {
+        return create_copy(daemon, request).await;
+    }
     match request.kind.as_str() {
         "" | "container" => {}
         "virtual-machine" => {
@@ -320,7 +323,7 @@ async fn show(
         let full = InstanceFull {
             instance: daemon.instance_view(&record, state.status)?,
             state: Some(state_view(&state)),
-            snapshots: Vec::new(),
+            snapshots: super::snapshots::views(&daemon, &name),
             backups: Vec::new(),
         };
         return sync_tagged(full, &tag);
@@ -340,14 +343,14 @@ async fn update(
     request: InstancePut,
     patch: bool,
 ) -> ApiResult {
-    if request
-        .restore
-        .as_deref()
-        .is_some_and(|snapshot| !snapshot.is_empty())
-    {
-        return Err(ApiError::bad_request(
-            "restoring snapshots is not supported: coved has no snapshots yet",
-        ));
+    if let Some(snapshot) = request.restore.clone().filter(|name| !name.is_empty()) {
+        // `lxc restore` names the snapshot in full (`NAME/SNAPSHOT`), the API allows both.
+        let prefix = format!("{name}/");
+        let snapshot = snapshot
+            .strip_prefix(&prefix)
+            .map(str::to_string)
+            .unwrap_or(snapshot);
+        return restore(daemon, name, snapshot).await;
     }
     let lock = daemon.instance_lock(&name);
     let _guard = lock.lock().await;
@@ -436,6 +439,96 @@ async fn patch(
 ) -> ApiResult {
     let request: InstancePut = json_body(body).await?;
     update(daemon, name, headers, request, true).await
+}
+
+/// `PUT /1.0/instances/<name>` with `restore`: an operation that brings back the snapshot's
+/// files and configuration (a running instance is stopped and started again around it).
+async fn restore(daemon: Arc<Daemon>, name: String, snapshot: String) -> ApiResult {
+    record(&daemon, &name)?;
+    daemon
+        .store
+        .snapshot(&name, &snapshot)
+        .map_err(|error| match error {
+            StoreError::NotFound { .. } => {
+                ApiError::not_found(format!("snapshot \"{name}/{snapshot}\" not found"))
+            }
+            other => other.into(),
+        })?;
+    let operation = daemon.operations.create(
+        Class::Task,
+        "Restoring snapshot",
+        resources(&name),
+        Value::Object(Default::default()),
+        false,
+    );
+    Operations::run(operation.clone(), async move {
+        let lock = daemon.instance_lock(&name);
+        let _guard = lock.lock().await;
+        daemon
+            .restore_snapshot_locked(&name, &snapshot)
+            .await
+            .map_err(|error| error.to_string())?;
+        Ok(None)
+    });
+    accepted(&operation)
+}
+
+/// `POST /1.0/instances` with a `copy` source: the new instance's row now (its name taken, the
+/// request checked), its files in the operation.
+async fn create_copy(daemon: Arc<Daemon>, request: InstancesPost) -> ApiResult {
+    let (mut new_record, snapshot) = daemon.plan_copy(&request)?;
+    if request.start {
+        new_record.power = Power::Running;
+    }
+    daemon
+        .store
+        .create_instance(&new_record)
+        .map_err(|error| match error {
+            StoreError::AlreadyExists { .. } => {
+                ApiError::new(409, format!("instance \"{}\" already exists", request.name))
+            }
+            other => other.into(),
+        })?;
+    daemon.events.lifecycle(
+        "instance-created",
+        &instance_url(&request.name),
+        BTreeMap::from([("source".to_string(), json!(request.source.source))]),
+    );
+    let operation = daemon.operations.create(
+        Class::Task,
+        "Copying instance",
+        resources(&request.name),
+        Value::Object(Default::default()),
+        false,
+    );
+    let source = request
+        .source
+        .source
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    Operations::run(operation.clone(), async move {
+        let lock = daemon.instance_lock(&request.name);
+        let _guard = lock.lock().await;
+        daemon
+            .copy_files_locked(
+                &source,
+                snapshot.as_deref(),
+                &request.name,
+                request.source.instance_only,
+            )
+            .await
+            .map_err(|error| error.to_string())?;
+        if request.start {
+            daemon
+                .start_locked(&request.name)
+                .await
+                .map_err(|error| error.to_string())?;
+        }
+        Ok(None)
+    });
+    accepted(&operation)
 }
 
 async fn require_stopped(daemon: &Arc<Daemon>, name: &str, doing: &str) -> Result<(), ApiError> {
@@ -772,13 +865,7 @@ async fn delete_log(
     ok()
 }
 
-async fn snapshots(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
+async fn backups(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
     record(&daemon, &name)?;
     sync(Vec::<String>::new())
-}
-
-async fn create_snapshot(Path(name): Path<String>) -> ApiResult {
-    Err(ApiError::bad_request(format!(
-        "snapshots are not supported yet: cannot snapshot \"{name}\""
-    )))
 }

@@ -11,6 +11,7 @@ mod images;
 mod instances;
 mod operations;
 mod resources;
+mod snapshots;
 
 use std::collections::HashMap;
 use std::sync::Arc;

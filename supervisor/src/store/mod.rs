@@ -18,6 +18,10 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::api::types::Device;
 
+mod snapshots;
+
+pub use snapshots::SnapshotRecord;
+
 /// The schema, one entry per version: entry N upgrades version N to N + 1.
 const MIGRATIONS: &[&str] = &[
     // 1: the first schema.
@@ -64,6 +68,21 @@ const MIGRATIONS: &[&str] = &[
         driver TEXT NOT NULL,
         description TEXT NOT NULL DEFAULT '',
         config TEXT NOT NULL
+    );",
+    // 2: instance snapshots; they go with their instance and follow its renames.
+    "CREATE TABLE instance_snapshots (
+        instance TEXT NOT NULL REFERENCES instances(name) ON DELETE CASCADE ON UPDATE CASCADE,
+        name TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        architecture TEXT NOT NULL,
+        config TEXT NOT NULL,
+        devices TEXT NOT NULL,
+        profiles TEXT NOT NULL,
+        ephemeral INTEGER NOT NULL,
+        stateful INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        PRIMARY KEY (instance, name)
     );",
 ];
 
