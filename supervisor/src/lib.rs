@@ -16,4 +16,5 @@ pub mod images;
 pub mod instances;
 pub mod operations;
 pub mod server;
+pub mod storage;
 pub mod store;

@@ -514,7 +514,14 @@ async fn rename(
         let _new_guard = new_lock.lock().await;
         let runtime = daemon.runtime.clone();
         let (old, new) = (name.clone(), new_name.clone());
-        blocking(move || runtime.rename(&old, &new))
+        let directory = daemon
+            .store
+            .instance(&name)
+            .map_err(DaemonError::from)
+            .and_then(|record| daemon.instance_directory(&record))
+            .map_err(|error| error.to_string())?;
+        let new_directory = directory.with_file_name(&new_name);
+        blocking(move || runtime.rename(&old, &new, &directory, &new_directory))
             .await
             .map_err(|error| error.to_string())?
             .map_err(|error| error.to_string())?;
@@ -681,15 +688,17 @@ fn raw(bytes: Vec<u8>, content_type: &'static str) -> Response {
 }
 
 async fn console_log(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
-    record(&daemon, &name)?;
-    let path = daemon.runtime.console_log(&name);
+    let path = daemon
+        .runtime
+        .console_log(&daemon.instance_directory(&record(&daemon, &name)?)?);
     let bytes = tokio::fs::read(&path).await.unwrap_or_default();
     Ok(raw(bytes, "application/octet-stream"))
 }
 
 async fn clear_console(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
-    record(&daemon, &name)?;
-    let path = daemon.runtime.console_log(&name);
+    let path = daemon
+        .runtime
+        .console_log(&daemon.instance_directory(&record(&daemon, &name)?)?);
     if path.exists() {
         std::fs::File::create(&path).map_err(|error| {
             ApiError::new(500, format!("cannot clear the console log: {error}"))
@@ -736,7 +745,10 @@ fn log_path(daemon: &Daemon, name: &str, file: &str) -> Result<std::path::PathBu
         )));
     }
     if file == "console.log" {
-        return Ok(daemon.runtime.console_log(name));
+        let record = daemon.store.instance(name)?;
+        return Ok(daemon
+            .runtime
+            .console_log(&daemon.instance_directory(&record)?));
     }
     Ok(daemon.settings.logs().join(name).join(file))
 }

@@ -11,6 +11,7 @@ mod images;
 mod instances;
 mod operations;
 mod resources;
+mod storage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -265,6 +266,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/", get(root))
         .merge(resources::routes())
+        .merge(storage::routes())
         .nest("/1.0/instances", instance_routes.clone())
         .nest("/1.0/containers", instance_routes)
         .merge(operations::routes())

@@ -18,6 +18,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::api::types::Device;
 
+mod pools;
+pub use pools::StorageVolumeRecord;
+
 /// The schema, one entry per version: entry N upgrades version N to N + 1.
 const MIGRATIONS: &[&str] = &[
     // 1: the first schema.
@@ -64,6 +67,15 @@ const MIGRATIONS: &[&str] = &[
         driver TEXT NOT NULL,
         description TEXT NOT NULL DEFAULT '',
         config TEXT NOT NULL
+    );",
+    // 2: custom storage volumes.
+    "CREATE TABLE storage_volumes (
+        pool TEXT NOT NULL REFERENCES storage_pools(name) ON DELETE RESTRICT,
+        name TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        config TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (pool, name)
     );",
 ];
 
