@@ -41,6 +41,10 @@ Images:
   image import FILE [ROOTFS] [--alias NAME]... [--public]
   image list [-f FORMAT] | info IMAGE | delete IMAGE...
   image alias create NAME IMAGE | delete NAME | list [-f FORMAT]
+Storage:
+  storage create NAME DRIVER [KEY=VALUE]...   (DRIVER: dir or btrfs; keys source, size)
+  storage list [-f FORMAT] | info NAME | delete NAME | set NAME KEY=VALUE...
+  storage volume create POOL NAME [KEY=VALUE]... | list POOL [-f FORMAT] | delete POOL NAME
 
 List columns: n name, s state, 4 IPv4, 6 IPv6, t type, S snapshots, p pid, P profiles,
 c created, l last used, N processes, m memory, a architecture, d description.";
@@ -191,6 +195,7 @@ pub enum Command {
     AliasDelete(String),
     AliasList(Format),
     Snapshot,
+    Storage(super::storage::StorageCommand),
 }
 
 fn format_flag(parsed: &Parsed) -> Result<Format, CliError> {
@@ -680,6 +685,7 @@ fn subcommand_of(subcommand: &str, arguments: &[String]) -> Result<Command, CliE
         "config" => config(arguments)?,
         "profile" => profile(arguments)?,
         "image" => image(arguments)?,
+        "storage" => Command::Storage(super::storage::parse(arguments)?),
         "snapshot" => Command::Snapshot,
         other => return Err(usage(format!("unknown command \"{other}\""))),
     })
