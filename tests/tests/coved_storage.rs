@@ -408,6 +408,21 @@ fn bad_pools_and_disks_are_refused_and_leave_nothing() {
     }
     assert_eq!(coved.get("/1.0/instances"), json!([]));
 
+    // An instance stays on the pool it was made on.
+    coved.operation(
+        "POST",
+        "/1.0/instances",
+        Some(json!({"name": "stay", "source": {"type": "image", "alias": "busybox"}})),
+    );
+    let (_, message) = refused(
+        &coved,
+        "PATCH",
+        "/1.0/instances/stay",
+        Some(json!({"devices": {"root": {"type": "disk", "path": "/", "pool": "side"}}})),
+    );
+    assert!(message.contains("moving it"), "{message}");
+    coved.operation("DELETE", "/1.0/instances/stay", None);
+
     // A volume on the dir pool is a directory; a duplicate is refused.
     let volume = json!({"name": "notes"});
     let ok = coved.request(
@@ -437,4 +452,51 @@ fn bad_pools_and_disks_are_refused_and_leave_nothing() {
     assert!(!mounted_under(&coved.directory));
     assert!(empty.is_dir(), "the given source directory must stay");
     assert!(!pool_directory(&coved, "side").exists());
+}
+
+/// A loop device over a sparse file, detached and removed when dropped.
+struct LoopDevice {
+    file: PathBuf,
+    device: String,
+}
+
+impl LoopDevice {
+    fn new(directory: &Path) -> Self {
+        let file = directory.join("device.img");
+        std::fs::File::create(&file)
+            .and_then(|created| created.set_len(512 << 20))
+            .expect("make the device's file");
+        let device = command("losetup", &["--find", "--show", &file.to_string_lossy()])
+            .trim()
+            .to_string();
+        Self { file, device }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+#[test]
+fn btrfs_pool_on_a_block_device_formats_an_empty_one_and_refuses_another_file_system() {
+    let coved = Coved::start("storage-device", &[]);
+    let device = LoopDevice::new(&coved.directory);
+    let body = json!({"name": "disk", "driver": "btrfs", "config": {"source": device.device}});
+    let ok = coved.request("POST", "/1.0/storage-pools", Some(body.clone()));
+    assert_eq!(ok.status, 200, "{}", ok.json());
+    let pool = pool_directory(&coved, "disk");
+    assert!(is_mount_point(&pool));
+    assert!(cove_shim::btrfs::is_btrfs(&pool));
+    let ok = coved.request("DELETE", "/1.0/storage-pools/disk", None);
+    assert_eq!(ok.status, 200, "{}", ok.json());
+    assert!(!is_mount_point(&pool) && !pool.exists());
+
+    command("mkfs.ext4", &["-q", "-F", &device.device]);
+    let (_, message) = refused(&coved, "POST", "/1.0/storage-pools", Some(body));
+    assert!(message.contains("ext4"), "{message}");
+    assert!(!pool.exists());
+    assert!(!mounted_under(&coved.directory));
 }

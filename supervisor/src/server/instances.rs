@@ -352,6 +352,7 @@ async fn update(
     let lock = daemon.instance_lock(&name);
     let _guard = lock.lock().await;
     let mut record = record(&daemon, &name)?;
+    let before = record.clone();
     check_if_match(&headers, &instance_etag(&record))?;
     // Keys coved manages itself survive a PUT that omits them.
     let kept: BTreeMap<String, String> = record
@@ -398,6 +399,7 @@ async fn update(
         &record.config,
         &record.devices,
     )?;
+    daemon.check_pool_kept(&before, &record)?;
     daemon.store.update_instance(&record)?;
     daemon
         .events

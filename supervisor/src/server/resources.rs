@@ -289,6 +289,7 @@ async fn update_profile(
     config::validate_devices(&record.devices)
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
     daemon.validate_storage_devices(&record.devices)?;
+    daemon.check_pools_kept_with_profile(&record)?;
     daemon.store.update_profile(&record)?;
     daemon.events.lifecycle(
         "profile-updated",

@@ -29,6 +29,16 @@ pub fn root_pool(devices: &BTreeMap<String, Device>) -> String {
         .unwrap_or_else(|| "default".to_string())
 }
 
+fn moved(instance: &str, before: &str, after: &str) -> Result<(), DaemonError> {
+    if before == after {
+        return Ok(());
+    }
+    Err(DaemonError::BadRequest(format!(
+        "instance \"{instance}\" lives on storage pool \"{before}\": moving it to \"{after}\" \
+         is not supported; keep its root disk on \"{before}\""
+    )))
+}
+
 /// Non-root disk devices, by name.
 fn extra_disks(devices: &BTreeMap<String, Device>) -> impl Iterator<Item = (&String, &Device)> {
     devices.iter().filter(|(_, device)| {
@@ -277,6 +287,46 @@ impl Daemon {
             }
         }
         Ok(users)
+    }
+
+    /// Refuses a change to an instance that would move it to another pool: its files stay
+    /// where its first start made them.
+    pub fn check_pool_kept(
+        &self,
+        before: &InstanceRecord,
+        after: &InstanceRecord,
+    ) -> Result<(), DaemonError> {
+        let (_, old) = self.expand(&before.profiles, &before.config, &before.devices)?;
+        let (_, new) = self.expand(&after.profiles, &after.config, &after.devices)?;
+        moved(&before.name, &root_pool(&old), &root_pool(&new))
+    }
+
+    /// As [`Daemon::check_pool_kept`], for every instance using the profile as changed.
+    pub fn check_pools_kept_with_profile(
+        &self,
+        profile: &crate::store::ProfileRecord,
+    ) -> Result<(), DaemonError> {
+        let layers = self.profile_layers()?;
+        let mut changed = layers.clone();
+        changed.insert(
+            profile.name.clone(),
+            (profile.config.clone(), profile.devices.clone()),
+        );
+        for record in self.store.instances()? {
+            if !record.profiles.contains(&profile.name) {
+                continue;
+            }
+            let expand = |layers: &std::collections::HashMap<String, config::Layer>| {
+                let chosen: Vec<config::Layer> = record
+                    .profiles
+                    .iter()
+                    .filter_map(|name| layers.get(name).cloned())
+                    .collect();
+                root_pool(&config::expand(&chosen, &record.config, &record.devices).1)
+            };
+            moved(&record.name, &expand(&layers), &expand(&changed))?;
+        }
+        Ok(())
     }
 
     /// At coved's start: mounts every recorded pool, and removes image subvolumes whose image
