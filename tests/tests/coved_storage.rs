@@ -500,3 +500,45 @@ fn btrfs_pool_on_a_block_device_formats_an_empty_one_and_refuses_another_file_sy
     assert!(!pool.exists());
     assert!(!mounted_under(&coved.directory));
 }
+
+#[test]
+fn library_runtime_binds_a_read_only_host_directory() {
+    let coved = Coved::start("storage-library", &["--runtime", "library"]);
+    let share = coved.directory.join("host-share");
+    std::fs::create_dir_all(&share).expect("create the shared directory");
+    std::fs::write(share.join("greeting"), b"from the host\n").expect("write a file");
+    // Writable by anyone: only `readonly` may stop the container's root.
+    std::fs::set_permissions(&share, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("open the directory to all");
+    coved.import_image(
+        &cove_tests::coved::busybox_unified_tarball(&coved.directory),
+        "busybox",
+    );
+    coved.operation(
+        "POST",
+        "/1.0/instances",
+        Some(json!({
+            "name": "guest",
+            "source": {"type": "image", "alias": "busybox"},
+            "devices": {"share": {
+                "type": "disk", "source": share, "path": "/mnt/share", "readonly": "true",
+            }},
+        })),
+    );
+    coved.operation(
+        "PUT",
+        "/1.0/instances/guest/state",
+        Some(json!({"action": "start"})),
+    );
+    assert_eq!(
+        coved.exec("guest", &["cat", "/mnt/share/greeting"], b""),
+        (0, "from the host\n".to_string(), String::new())
+    );
+    let (code, _, _) = coved.exec("guest", &["touch", "/mnt/share/written"], b"");
+    assert_ne!(code, 0, "a read-only disk took a write");
+    assert!(!share.join("written").exists());
+    assert!(coved
+        .directory
+        .join("storage-pools/default/containers/guest")
+        .is_dir());
+}
