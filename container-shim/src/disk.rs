@@ -137,6 +137,27 @@ mod tests {
     }
 
     #[test]
+    fn a_symbolic_link_on_the_way_to_the_mount_point_is_refused() {
+        let root = std::env::temp_dir().join(format!("cove-disk-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("mnt")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("mnt/escape")).unwrap();
+        let disk = |path: &str| DiskMount {
+            source: PathBuf::from("/tmp"),
+            path: PathBuf::from(path),
+            read_only: false,
+        };
+        assert_eq!(
+            disk("/mnt/data/deep").target_under(&root).unwrap(),
+            root.join("mnt/data/deep")
+        );
+        assert_eq!(
+            disk("/mnt/escape/x").target_under(&root),
+            Err(DiskError::Symlink(PathBuf::from("mnt/escape")))
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn bad_disk_devices_are_refused_by_what_is_wrong() {
         let refused = |pairs: &[(&str, &str)]| {
             DiskMount::from_device(&keys(pairs))

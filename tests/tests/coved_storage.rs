@@ -85,6 +85,34 @@ fn is_mount_point(path: &Path) -> bool {
         .any(|line| line.split(' ').nth(4) == Some(wanted.as_ref()))
 }
 
+/// Unmounts what a failed test left mounted under coved's directory (its pools; a loop file's
+/// device goes with its mount), then removes the directory. Declared before the `Coved`, so
+/// that it runs after coved's own cleanup.
+struct Unmount(Option<PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let Some(directory) = &self.0 else {
+            return;
+        };
+        let prefix = directory.to_string_lossy().into_owned();
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.split(' ').nth(4))
+            .filter(|mount_point| mount_point.starts_with(&prefix))
+            .map(str::to_string)
+            .collect();
+        mounts.sort_by_key(|mount_point| std::cmp::Reverse(mount_point.len()));
+        for mount_point in &mounts {
+            let _ = Command::new("umount").arg(mount_point).status();
+        }
+        if !mounts.is_empty() && !mounted_under(directory) {
+            let _ = std::fs::remove_dir_all(directory);
+        }
+    }
+}
+
 fn pool_used(coved: &Coved, pool: &str) -> u64 {
     // btrfs counts space when a transaction commits: commit first.
     command(
@@ -141,7 +169,9 @@ fn refused(coved: &Coved, method: &str, path: &str, body: Option<Value>) -> (u16
 
 #[test]
 fn btrfs_pool_holds_many_snapshots_shares_a_volume_and_survives_a_restart() {
+    let mut unmount = Unmount(None);
     let mut coved = Coved::start("storage-btrfs", &[]);
+    unmount.0 = Some(coved.directory.clone());
     coved.get("/1.0");
     let ok = coved.request(
         "POST",
@@ -291,7 +321,9 @@ fn btrfs_pool_holds_many_snapshots_shares_a_volume_and_survives_a_restart() {
 
 #[test]
 fn bad_pools_and_disks_are_refused_and_leave_nothing() {
+    let mut unmount = Unmount(None);
     let coved = Coved::start("storage-refused", &[]);
+    unmount.0 = Some(coved.directory.clone());
     let pools_before = coved.get("/1.0/storage-pools");
     let occupied = coved.directory.join("occupied");
     std::fs::create_dir_all(&occupied).expect("create a directory");
@@ -482,7 +514,9 @@ impl Drop for LoopDevice {
 
 #[test]
 fn btrfs_pool_on_a_block_device_formats_an_empty_one_and_refuses_another_file_system() {
+    let mut unmount = Unmount(None);
     let coved = Coved::start("storage-device", &[]);
+    unmount.0 = Some(coved.directory.clone());
     let device = LoopDevice::new(&coved.directory);
     let body = json!({"name": "disk", "driver": "btrfs", "config": {"source": device.device}});
     let ok = coved.request("POST", "/1.0/storage-pools", Some(body.clone()));
