@@ -292,10 +292,15 @@ fn btrfs_pool_holds_many_snapshots_shares_a_volume_and_survives_a_restart() {
     // Pools are mounted again at coved's start.
     coved.delete_all();
     coved.kill();
+    // An image subvolume whose image was never recorded (a crash while it was made).
+    let stray = pool.join("images").join("0123456789abcdef");
+    cove_shim::btrfs::create_subvolume(&stray).expect("make a stray subvolume");
     command("umount", &[&pool.to_string_lossy()]);
     assert!(!is_mount_point(&pool));
     coved.restart();
     assert!(is_mount_point(&pool), "coved did not mount the pool again");
+    assert!(!stray.exists(), "coved kept an unrecorded image subvolume");
+    assert!(cove_shim::btrfs::is_subvolume(&image_subvolume));
     assert_eq!(
         std::fs::read_to_string(pool.join("custom/shared/note")).expect("the volume's file"),
         "across\n"
