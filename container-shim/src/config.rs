@@ -74,6 +74,8 @@ pub enum ConfigError {
     MacAddress(String),
     #[error("invalid mtu \"{0}\": expected a number from 68 to 65535")]
     Mtu(String),
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
 }
 
 /// Everything that describes one system container.
@@ -103,6 +105,8 @@ pub struct ContainerConfig {
     /// How an unprivileged container's files come to belong to its ids
     /// (`security.idmap.shift`).
     pub id_shift: IdShift,
+    /// Host paths bound into the container (LXD's disk devices).
+    pub disks: Vec<crate::disk::DiskMount>,
 }
 
 /// Resource limits, applied through the container's cgroup.
@@ -378,6 +382,7 @@ impl ContainerConfig {
             syscalls: SyscallPolicy::default(),
             snapshot: SnapshotMethod::Detect,
             id_shift: IdShift::Auto,
+            disks: Vec::new(),
         }
     }
 
@@ -488,6 +493,9 @@ impl ContainerConfig {
         }
         if let Network::Bridged(nic) = &self.network {
             nic.validate()?;
+        }
+        for disk in &self.disks {
+            disk.validate()?;
         }
         Ok(())
     }

@@ -273,6 +273,8 @@ impl Container {
         if config.nesting {
             plan.add_nesting_mounts(&snapshot.root, kmsg_source(config.privileged));
         }
+        plan.add_disk_mounts(&snapshot.root, &config.disks)
+            .map_err(crate::config::ConfigError::from)?;
         let mut program =
             InitProgram::new(plan, &snapshot.root, &config.hostname, id_map.is_some());
         if let Some(nic) = &nic_plan {

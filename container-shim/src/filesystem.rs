@@ -11,6 +11,7 @@ use std::ffi::CString;
 use std::path::Path;
 
 use crate::cgroup::CgroupLayout;
+use crate::disk::{DiskError, DiskMount};
 use crate::kernel;
 use crate::rootfs::c_path;
 
@@ -298,6 +299,53 @@ impl FilesystemPlan {
         });
     }
 
+    /// Disk devices: each source bound (recursively) on its path under `root`, the mount
+    /// point created as a directory (or an empty file, for a file source) with the
+    /// directories above it; a read-only one remounted read-only, keeping the flags a mount
+    /// namespace of a user namespace may not drop (`nosuid`, `nodev`, `noexec`).
+    pub fn add_disk_mounts(&mut self, root: &Path, disks: &[DiskMount]) -> Result<(), DiskError> {
+        for disk in disks {
+            let target = disk.target_under(root)?;
+            let mut parents: Vec<&Path> = target
+                .ancestors()
+                .skip(1)
+                .take_while(|ancestor| ancestor.starts_with(root) && *ancestor != root)
+                .collect();
+            parents.reverse();
+            for parent in parents {
+                self.steps.push(Step::MakeDirectory {
+                    path: c_path(parent),
+                });
+            }
+            if disk.source.is_dir() {
+                self.steps.push(Step::MakeDirectory {
+                    path: c_path(&target),
+                });
+            } else {
+                self.steps.push(Step::CreateFile {
+                    path: c_path(&target),
+                });
+            }
+            self.mount(
+                Some(c_path(&disk.source)),
+                c_path(&target),
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            );
+            if disk.read_only {
+                self.mount(
+                    None,
+                    c_path(&target),
+                    None,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | locked_flags(&disk.source),
+                    None,
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Runs every step; on failure returns the failing step's index and errno.
     /// Allocation-free: safe in a cloned child.
     pub fn run(&self) -> Result<(), (usize, i32)> {
@@ -330,6 +378,29 @@ impl FilesystemPlan {
             ),
         }
     }
+}
+
+/// The mount flags of the file system holding `path` that a remount inside a user namespace
+/// must keep.
+fn locked_flags(path: &Path) -> libc::c_ulong {
+    let path = c_path(path);
+    // SAFETY: an all-zero statvfs is a valid value for the kernel to overwrite.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stats` is a live, writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return 0;
+    }
+    let mut flags = 0;
+    for (held, flag) in [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+    ] {
+        if stats.f_flag & held != 0 {
+            flags |= flag;
+        }
+    }
+    flags
 }
 
 fn run_step(step: &Step) -> Result<(), i32> {

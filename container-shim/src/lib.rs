@@ -28,6 +28,7 @@ mod confinement;
 pub mod console;
 pub mod container;
 pub mod control;
+pub mod disk;
 pub mod exec;
 mod filesystem;
 pub mod freezer;
@@ -47,6 +48,7 @@ pub use config::{
     SnapshotMethod, SyscallPolicy,
 };
 pub use container::{Container, ContainerError, ContainerState, Host, Status, StopOutcome};
+pub use disk::{DiskError, DiskMount};
 pub use exec::{ExecError, ExecOutput, ExecProcess, ExecRequest};
 pub use freezer::FreezeError;
 pub use idmap::{IdMap, IdRange};

@@ -187,6 +187,7 @@ impl Daemon {
             locks: Mutex::new(HashMap::new()),
         };
         daemon.ensure_defaults()?;
+        daemon.prepare_pools();
         daemon.remove_unrecorded_images();
         daemon.check_reachable();
         Ok(daemon)
@@ -329,6 +330,7 @@ impl Daemon {
         let (expanded, expanded_devices) = self.expand(profiles, config_keys, devices)?;
         config::validate_keys(&expanded)?;
         config::validate_expanded_devices(&expanded_devices)?;
+        self.validate_storage_devices(&expanded_devices)?;
         config::validate_for_container(name, &self.image_rootfs(image), &expanded)?;
         Ok(())
     }
@@ -396,11 +398,18 @@ impl Daemon {
     pub async fn start_locked(self: &Arc<Self>, name: &str) -> Result<(), DaemonError> {
         let record = self.store.instance(name)?;
         let (expanded, devices) = self.expand(&record.profiles, &record.config, &record.devices)?;
+        let pool = crate::storage::placement::root_pool(&devices);
+        let directory = self.instance_directory_on(&pool, &record.kind, name);
+        let daemon = self.clone();
+        let image = record.image.clone();
+        let rootfs = blocking(move || daemon.image_on_pool(&pool, &image)).await??;
         let spec = LaunchSpec {
             name: name.to_string(),
-            rootfs: self.image_rootfs(&record.image),
+            directory,
+            rootfs,
             keys: config::container_keys(&expanded),
             nic: config::nic_device(name, &devices),
+            disks: self.disk_mounts(&devices)?,
         };
         self.store.set_power(name, Power::Running, &clock::now())?;
         let runtime = self.runtime.clone();
@@ -453,7 +462,7 @@ impl Daemon {
     /// Deletes a stopped instance whose lock the caller holds: the runtime's files first, then
     /// the row, so that a crash in between leaves a stopped instance, not an orphan.
     pub async fn delete_locked(self: &Arc<Self>, name: &str) -> Result<(), DaemonError> {
-        self.store.instance(name)?;
+        let directory = self.instance_directory(&self.store.instance(name)?)?;
         let runtime = self.runtime.clone();
         let owned = name.to_string();
         blocking(move || {
@@ -462,7 +471,11 @@ impl Daemon {
                     "instance \"{owned}\" is running: stop it before deleting it"
                 )));
             }
-            runtime.delete(&owned)
+            // Snapshots first: a btrfs one is a read-only subvolume that only a subvolume
+            // delete removes.
+            crate::instances::layers::remove_all_snapshots(&directory)
+                .map_err(|error| RuntimeError::Failed(error.to_string()))?;
+            runtime.delete(&owned, &directory)
         })
         .await??;
         self.store.delete_instance(name)?;
@@ -502,9 +515,17 @@ impl Daemon {
                 );
                 let runtime = self.runtime.clone();
                 let owned = name.clone();
+                // No record says which pool it was on: the first pool holding its directory.
+                let directory = self
+                    .store
+                    .storage_pools()?
+                    .iter()
+                    .map(|pool| self.instance_directory_on(&pool.name, "container", name))
+                    .find(|directory| directory.exists())
+                    .unwrap_or_else(|| self.instance_directory_on("default", "container", name));
                 let _ = blocking(move || {
                     let _ = runtime.stop(&owned, Duration::ZERO);
-                    runtime.delete(&owned)
+                    runtime.delete(&owned, &directory)
                 })
                 .await;
             }

@@ -17,4 +17,5 @@ pub mod instances;
 pub mod operations;
 pub mod server;
 pub mod snapshots;
+pub mod storage;
 pub mod store;

@@ -165,13 +165,14 @@ fn copied_key(key: &str) -> bool {
 }
 
 impl Daemon {
-    /// The instance's directory: its writable layer, console log and snapshots.
-    pub fn instance_directory(&self, name: &str) -> PathBuf {
-        self.runtime.containers_directory().join(name)
+    /// The directory of the instance named `name`: its writable layer, console log and
+    /// snapshots.
+    fn directory_of(&self, name: &str) -> Result<PathBuf, DaemonError> {
+        self.instance_directory(&self.store.instance(name)?)
     }
 
-    fn snapshot_path(&self, instance: &str, name: &str) -> PathBuf {
-        layers::snapshot_directory(&self.instance_directory(instance), name)
+    fn snapshot_path(&self, instance: &str, name: &str) -> Result<PathBuf, DaemonError> {
+        Ok(layers::snapshot_directory(&self.directory_of(instance)?, name))
     }
 
     pub fn snapshot_view(&self, record: &SnapshotRecord) -> types::InstanceSnapshot {
@@ -192,7 +193,10 @@ impl Daemon {
             created_at: record.created_at.clone(),
             expires_at: record.expires_at.clone(),
             last_used_at: NEVER.to_string(),
-            size: disk_usage(&self.snapshot_path(&record.instance, &record.name)),
+            size: self
+                .snapshot_path(&record.instance, &record.name)
+                .map(|path| disk_usage(&path))
+                .unwrap_or_default(),
         }
     }
 
@@ -257,8 +261,8 @@ impl Daemon {
             created_at: clock::now(),
             expires_at: expiry(&request.expires_at)?,
         };
-        let directory = self.instance_directory(instance);
-        let capture = self.snapshot_path(instance, &request.name);
+        let directory = self.directory_of(instance)?;
+        let capture = self.snapshot_path(instance, &request.name)?;
         let files = capture.clone();
         blocking(move || layers::capture(&directory, &files)).await??;
         if let Err(error) = self.store.create_snapshot(&snapshot) {
@@ -281,7 +285,7 @@ impl Daemon {
         self.store
             .delete_snapshot(instance, name)
             .map_err(not_found_snapshot(instance, name))?;
-        let capture = self.snapshot_path(instance, name);
+        let capture = self.snapshot_path(instance, name)?;
         blocking(move || layers::remove(&capture)).await??;
         self.events.lifecycle(
             "instance-snapshot-deleted",
@@ -318,8 +322,8 @@ impl Daemon {
         new_name: &str,
     ) -> Result<(), DaemonError> {
         self.check_snapshot_rename(instance, name, new_name)?;
-        let from = self.snapshot_path(instance, name);
-        let to = self.snapshot_path(instance, new_name);
+        let from = self.snapshot_path(instance, name)?;
+        let to = self.snapshot_path(instance, new_name)?;
         let (moved_from, moved_to) = (from.clone(), to.clone());
         blocking(move || layers::rename(&moved_from, &moved_to)).await??;
         if let Err(error) = self.store.rename_snapshot(instance, name, new_name) {
@@ -383,8 +387,8 @@ impl Daemon {
             self.events
                 .lifecycle("instance-stopped", &instance_url(instance), BTreeMap::new());
         }
-        let directory = self.instance_directory(instance);
-        let capture = self.snapshot_path(instance, name);
+        let directory = self.directory_of(instance)?;
+        let capture = self.snapshot_path(instance, name)?;
         blocking(move || layers::restore(&directory, &capture)).await??;
         let mut record = self.store.instance(instance)?;
         let volatile: BTreeMap<String, String> = record
@@ -486,6 +490,15 @@ impl Daemon {
             last_used_at: now,
             power: Power::Stopped,
         };
+        let source_directory = self.instance_directory(&source)?;
+        let target_directory = self.instance_directory(&record)?;
+        if source_directory.parent() != target_directory.parent() {
+            return Err(DaemonError::BadRequest(format!(
+                "copying \"{}\" to another storage pool is not supported: keep the copy's \
+                 root disk on the source's pool",
+                source.name
+            )));
+        }
         let user_config: BTreeMap<String, String> = record
             .config
             .iter()
@@ -529,18 +542,18 @@ impl Daemon {
         instance_only: bool,
     ) -> Result<(), DaemonError> {
         let from = match snapshot {
-            Some(snapshot) => self.snapshot_path(source, snapshot),
-            None => self.instance_directory(source),
+            Some(snapshot) => self.snapshot_path(source, snapshot)?,
+            None => self.directory_of(source)?,
         };
-        let to = self.instance_directory(target);
+        let to = self.directory_of(target)?;
         let (layer_from, layer_to) = (from.clone(), to.clone());
         blocking(move || layers::restore(&layer_to, &layer_from)).await??;
         if instance_only || snapshot.is_some() {
             return Ok(());
         }
         for mut record in self.store.snapshots(source)? {
-            let from = self.snapshot_path(source, &record.name);
-            let to = self.snapshot_path(target, &record.name);
+            let from = self.snapshot_path(source, &record.name)?;
+            let to = self.snapshot_path(target, &record.name)?;
             blocking(move || layers::capture(&from, &to)).await??;
             record.instance = target.to_string();
             self.store.create_snapshot(&record)?;
@@ -589,7 +602,10 @@ impl Daemon {
                 continue;
             };
             let keep: Vec<String> = snapshots.into_iter().map(|record| record.name).collect();
-            for leftover in layers::unrecorded(&self.instance_directory(&instance), &keep) {
+            let Ok(directory) = self.directory_of(&instance) else {
+                continue;
+            };
+            for leftover in layers::unrecorded(&directory, &keep) {
                 let _ = layers::remove(&leftover);
             }
         }

@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use cove_shim::control::{ExecCommand, StateRecord, DEFAULT_STOP_TIMEOUT};
 use cove_shim::monitor::{self, attach, client, MonitorError, RunDirectory, StartOptions};
-use cove_shim::{BridgedNic, ContainerConfig, Host, Network, TerminalSize};
+use cove_shim::{BridgedNic, ContainerConfig, DiskMount, Host, Network, TerminalSize};
 
 const USAGE: &str = "\
 usage:
   cove-shim start --name NAME --rootfs DIR [--config KEY=VALUE]... [--run-dir DIR]
                   [--containers-dir DIR] [--cgroup-parent NAME]
                   [--device NAME,type=nic,nictype=bridged,parent=BRIDGE[,KEY=VALUE]...]
+                  [--device NAME,type=disk,source=HOST_PATH,path=PATH[,readonly=true]]...
   cove-shim state NAME [--run-dir DIR]
   cove-shim exec [-t] NAME [--env NAME=VALUE]... [--cwd DIR] [--user UID[:GID]]
                   [--run-dir DIR] -- COMMAND [ARGUMENT]...
@@ -42,7 +43,8 @@ limits.processes, security.privileged, security.idmap.base, security.idmap.size,
 security.nesting, security.idmap.shift, security.syscalls.deny_default,
 security.syscalls.deny_compat, user.hostname; devices (--device): one LXD bridged nic
 (keys type, nictype, parent, hwaddr, name, mtu, host_name; name defaults to the device's
-name); see docs/containers.md";
+name) and any number of disks (keys type, source, path, readonly: the host path source bound
+at path inside); see docs/containers.md";
 
 /// cove-shim's own failure in `exec`, told apart from the command's statuses (as docker exec).
 const EXEC_FAILURE: u8 = 125;
@@ -166,12 +168,7 @@ fn start(arguments: &[String]) -> Result<u8, Failure> {
     }
     let mut config = ContainerConfig::from_keys(name, rootfs, &keys).map_err(MonitorError::from)?;
     for device in options.values("--device") {
-        if config.network != Network::None {
-            return Err(Failure::Usage(
-                "only one --device (a bridged nic) is supported".into(),
-            ));
-        }
-        config.network = Network::Bridged(parse_nic_device(device)?);
+        add_device(&mut config, device)?;
     }
     let defaults = Host::default();
     let host = Host {
@@ -244,8 +241,8 @@ fn exec(arguments: &[String]) -> Result<u8, Failure> {
     Ok(code.clamp(0, 255) as u8)
 }
 
-/// `NAME,KEY=VALUE,...`: an LXD nic device; its interface is named NAME unless `name=` says.
-fn parse_nic_device(text: &str) -> Result<BridgedNic, Failure> {
+/// `NAME,KEY=VALUE,...`: an LXD device's name and keys.
+fn parse_device(text: &str) -> Result<(String, BTreeMap<String, String>), Failure> {
     let malformed = || {
         Failure::Usage(format!(
             "malformed --device \"{text}\": expected NAME,KEY=VALUE[,KEY=VALUE]..."
@@ -256,12 +253,33 @@ fn parse_nic_device(text: &str) -> Result<BridgedNic, Failure> {
         .next()
         .filter(|name| !name.is_empty())
         .ok_or_else(malformed)?;
-    let mut keys = BTreeMap::from([("name".to_string(), name.to_string())]);
+    let mut keys = BTreeMap::new();
     for pair in parts {
         let (key, value) = pair.split_once('=').ok_or_else(malformed)?;
         keys.insert(key.to_string(), value.to_string());
     }
-    Ok(BridgedNic::from_device(&keys).map_err(MonitorError::from)?)
+    Ok((name.to_string(), keys))
+}
+
+/// Adds one `--device` to the config: a bridged nic (its interface is named NAME unless
+/// `name=` says) or a disk (a host path bound into the container).
+fn add_device(config: &mut ContainerConfig, text: &str) -> Result<(), Failure> {
+    let (name, mut keys) = parse_device(text)?;
+    if keys.get("type").map(String::as_str) == Some("disk") {
+        config.disks.push(
+            DiskMount::from_device(&keys)
+                .map_err(|error| MonitorError::from(cove_shim::ConfigError::from(error)))?,
+        );
+        return Ok(());
+    }
+    if config.network != Network::None {
+        return Err(Failure::Usage(
+            "only one nic --device (a bridged nic) is supported".into(),
+        ));
+    }
+    keys.entry("name".to_string()).or_insert(name);
+    config.network = Network::Bridged(BridgedNic::from_device(&keys).map_err(MonitorError::from)?);
+    Ok(())
 }
 
 fn print_state(state: &StateRecord) {

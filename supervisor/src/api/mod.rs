@@ -2,4 +2,5 @@
 //! routes live in `crate::server`, not here, so that a client can import this module without
 //! pulling in the daemon.
 
+pub mod storage;
 pub mod types;

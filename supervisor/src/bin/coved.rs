@@ -89,6 +89,7 @@ fn parse(arguments: &[String]) -> Result<Options, String> {
 }
 
 fn make_runtime(options: &Options) -> Result<Arc<dyn Runtime>, String> {
+    // Each start names the instance's own directory on its pool; this is only the default.
     let host = cove_shim::Host {
         containers_directory: options.settings.containers(),
         cgroup_parent: options.settings.cgroup_parent.clone(),

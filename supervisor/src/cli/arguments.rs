@@ -44,6 +44,10 @@ Images:
   image import FILE [ROOTFS] [--alias NAME]... [--public]
   image list [-f FORMAT] | info IMAGE | delete IMAGE...
   image alias create NAME IMAGE | delete NAME | list [-f FORMAT]
+Storage:
+  storage create NAME DRIVER [KEY=VALUE]...   (DRIVER: dir or btrfs; keys source, size)
+  storage list [-f FORMAT] | info NAME | delete NAME | set NAME KEY=VALUE...
+  storage volume create POOL NAME [KEY=VALUE]... | list POOL [-f FORMAT] | delete POOL NAME
 
 List columns: n name, s state, 4 IPv4, 6 IPv6, t type, S snapshots, p pid, P profiles,
 c created, l last used, N processes, m memory, a architecture, d description.";
@@ -194,6 +198,7 @@ pub enum Command {
     AliasDelete(String),
     AliasList(Format),
     Snapshots(super::snapshots::SnapshotCommand),
+    Storage(super::storage::StorageCommand),
 }
 
 fn format_flag(parsed: &Parsed) -> Result<Format, CliError> {
@@ -686,6 +691,7 @@ fn subcommand_of(subcommand: &str, arguments: &[String]) -> Result<Command, CliE
         "snapshot" | "restore" | "copy" | "cp" => {
             Command::Snapshots(super::snapshots::parse(subcommand, arguments)?)
         }
+        "storage" => Command::Storage(super::storage::parse(arguments)?),
         other => return Err(usage(format!("unknown command \"{other}\""))),
     })
 }

@@ -17,6 +17,7 @@ pub mod images;
 pub mod instances;
 pub mod profiles;
 pub mod snapshots;
+pub mod storage;
 pub mod yaml;
 
 use std::io::Write;
@@ -154,6 +155,7 @@ fn run(client: &Client, command: Command) -> Result<i32, CliError> {
         Command::AliasDelete(name) => images::alias_delete(client, &name)?,
         Command::AliasList(format) => images::alias_list(client, format)?,
         Command::Snapshots(command) => snapshots::run(client, &command)?,
+        Command::Storage(command) => storage::run(client, command)?,
     }
     Ok(0)
 }

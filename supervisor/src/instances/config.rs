@@ -126,22 +126,7 @@ pub fn validate_devices(devices: &BTreeMap<String, Device>) -> Result<(), Config
             problem,
         };
         match device.get("type").map(String::as_str) {
-            Some("disk") => {
-                if device.get("path").map(String::as_str) != Some("/") {
-                    return Err(problem(
-                        "only the root disk (path \"/\") is supported; host directories cannot \
-                         be attached yet"
-                            .into(),
-                    ));
-                }
-                if let Some(pool) = device.get("pool") {
-                    if pool != "default" {
-                        return Err(problem(format!(
-                            "storage pool \"{pool}\" does not exist; use \"default\""
-                        )));
-                    }
-                }
-            }
+            Some("disk") => validate_disk(device).map_err(problem)?,
             Some("none") => {}
             Some("nic") => {
                 BridgedNic::from_device(&nic_keys(name, device))
@@ -155,6 +140,66 @@ pub fn validate_devices(devices: &BTreeMap<String, Device>) -> Result<(), Config
             }
             None => return Err(problem("it has no \"type\"".into())),
         }
+    }
+    Ok(())
+}
+
+/// A disk device's form: the root disk (`path: /`, on a `pool`), a custom volume (`pool` and
+/// `source` naming the volume) or a host path (`source` absolute) at an absolute `path`.
+/// Whether the pool, volume or host path exists is the storage layer's to check.
+fn validate_disk(device: &Device) -> Result<(), String> {
+    for key in device.keys() {
+        if !matches!(
+            key.as_str(),
+            "type" | "path" | "pool" | "source" | "readonly" | "size"
+        ) {
+            return Err(format!(
+                "unknown disk device key \"{key}\": cove knows path, pool, source, readonly \
+                 and size"
+            ));
+        }
+    }
+    let path = device
+        .get("path")
+        .ok_or_else(|| "a disk device needs a path".to_string())?;
+    let plain = |text: &str| {
+        let path = Path::new(text);
+        path.is_absolute()
+            && !text.contains(',')
+            && path.components().all(|component| {
+                matches!(
+                    component,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            })
+    };
+    if !plain(path) {
+        return Err(format!(
+            "disk path \"{path}\" must be an absolute path without \"..\" or commas"
+        ));
+    }
+    if let Some(read_only) = device.get("readonly") {
+        if !is_boolean(read_only) {
+            return Err(format!("readonly \"{read_only}\": expected true or false"));
+        }
+    }
+    if path == "/" {
+        if device.contains_key("source") {
+            return Err("the root disk takes a pool, not a source".into());
+        }
+        return Ok(());
+    }
+    let source = device
+        .get("source")
+        .ok_or_else(|| "a disk device other than the root needs a source".to_string())?;
+    if device.contains_key("pool") {
+        crate::storage::validate_name("storage volume", source)
+            .map_err(|error| error.to_string())?;
+    } else if !plain(source) {
+        return Err(format!(
+            "disk source \"{source}\" must be an absolute host path without \"..\" or commas, \
+             or a volume name with a pool"
+        ));
     }
     Ok(())
 }

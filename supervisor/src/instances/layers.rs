@@ -111,6 +111,14 @@ pub fn remove(directory: &Path) -> Result<(), LayerError> {
     std::fs::remove_dir_all(directory).map_err(io_error("remove", directory))
 }
 
+/// Removes every capture in an instance's directory (before the directory itself goes).
+pub fn remove_all_snapshots(instance_directory: &Path) -> Result<(), LayerError> {
+    for capture in unrecorded(instance_directory, &[]) {
+        remove(&capture)?;
+    }
+    Ok(())
+}
+
 /// A sibling of `path` to build into before renaming onto it; emptied first.
 fn staging_for(path: &Path) -> Result<PathBuf, LayerError> {
     let name = path

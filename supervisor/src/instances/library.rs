@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cove_shim::exec::DEFAULT_PATH;
-use cove_shim::{BridgedNic, Container, ContainerConfig, ExecRequest, Host, Network, Status};
+use cove_shim::{
+    BridgedNic, Container, ContainerConfig, DiskMount, ExecRequest, Host, Network, Status,
+};
 
 use super::runtime::{
     move_container_directory, ExecSpec, LaunchSpec, Runtime, RuntimeError, RuntimeState,
@@ -57,12 +59,11 @@ impl LibraryRuntime {
     }
 
     /// Removes a container directory left by an earlier process.
-    fn remove_leftovers(&self, name: &str) {
-        let directory = self.host.containers_directory.join(name);
+    fn remove_leftovers(&self, directory: &Path) {
         if directory.exists() {
             let _ = cove_shim::rootfs::unmount_if_mounted(&directory.join(cove_shim::rootfs::ROOT));
-            let _ = cove_shim::rootfs::remove_snapshot(&directory);
-            let _ = std::fs::remove_dir_all(&directory);
+            let _ = cove_shim::rootfs::remove_snapshot(directory);
+            let _ = std::fs::remove_dir_all(directory);
         }
     }
 }
@@ -81,7 +82,16 @@ impl Runtime for LibraryRuntime {
         if let Some(nic) = &spec.nic {
             config.network = Network::Bridged(BridgedNic::from_device(nic).map_err(failed)?);
         }
-        let container = Container::start(&config, &self.host).map_err(failed)?;
+        for disk in &spec.disks {
+            config
+                .disks
+                .push(DiskMount::from_device(disk).map_err(failed)?);
+        }
+        let host = Host {
+            containers_directory: spec.containers_directory()?.to_path_buf(),
+            cgroup_parent: self.host.cgroup_parent.clone(),
+        };
+        let container = Container::start(&config, &host).map_err(failed)?;
         lock(&self.containers).insert(spec.name.clone(), Arc::new(Mutex::new(container)));
         Ok(())
     }
@@ -192,7 +202,7 @@ impl Runtime for LibraryRuntime {
         Ok(code)
     }
 
-    fn delete(&self, name: &str) -> Result<(), RuntimeError> {
+    fn delete(&self, name: &str, directory: &Path) -> Result<(), RuntimeError> {
         if let Some(container) = lock(&self.containers).remove(name) {
             match Arc::try_unwrap(container) {
                 Ok(container) => container
@@ -205,22 +215,24 @@ impl Runtime for LibraryRuntime {
                 }
             }
         }
-        self.remove_leftovers(name);
+        self.remove_leftovers(directory);
         Ok(())
     }
 
-    fn rename(&self, name: &str, new_name: &str) -> Result<(), RuntimeError> {
+    fn rename(
+        &self,
+        name: &str,
+        new_name: &str,
+        directory: &Path,
+        new_directory: &Path,
+    ) -> Result<(), RuntimeError> {
         if self.status(name) != RuntimeStatus::Stopped {
             return Err(RuntimeError::AlreadyRunning(name.to_string()));
         }
         // The stopped container's directory, with its files, moves to the new name.
         lock(&self.containers).remove(name);
-        self.delete(new_name)?;
-        move_container_directory(&self.host.containers_directory, name, new_name)
-    }
-
-    fn containers_directory(&self) -> &Path {
-        &self.host.containers_directory
+        self.delete(new_name, new_directory)?;
+        move_container_directory(directory, new_directory)
     }
 
     fn running(&self) -> Vec<String> {

@@ -52,6 +52,9 @@ impl RuntimeState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchSpec {
     pub name: String,
+    /// The instance's directory on its storage pool (`<pool>/containers/<name>`): its
+    /// snapshot and console log live there.
+    pub directory: PathBuf,
     /// The unpacked image the container runs a snapshot of.
     pub rootfs: PathBuf,
     /// The keys the container core understands (`limits.*`, `security.privileged`,
@@ -61,6 +64,24 @@ pub struct LaunchSpec {
     /// The bridged nic, as an LXD nic device's keys (`nictype`, `parent`, `name`, `hwaddr`,
     /// ...), already validated.
     pub nic: Option<BTreeMap<String, String>>,
+    /// Disk devices as the container core takes them (`type=disk`, `source` a host path,
+    /// `path`, `readonly`), storage volumes already resolved to their directories.
+    pub disks: Vec<BTreeMap<String, String>>,
+}
+
+impl LaunchSpec {
+    /// The directory holding the instance's directory (the container core's containers
+    /// directory); refuses a directory not named after the instance.
+    pub fn containers_directory(&self) -> Result<&Path, RuntimeError> {
+        match (self.directory.parent(), self.directory.file_name()) {
+            (Some(parent), Some(last)) if last == self.name.as_str() => Ok(parent),
+            _ => Err(RuntimeError::Failed(format!(
+                "the directory {} of instance \"{}\" is not named after it",
+                self.directory.display(),
+                self.name
+            ))),
+        }
+    }
 }
 
 /// A command to run in a running container, with the three file descriptors it gets as its
@@ -123,42 +144,39 @@ pub trait Runtime: Send + Sync + 'static {
     /// Runs a command to its end with `spec`'s fds; returns its exit code (128 + signal).
     fn exec(&self, name: &str, spec: ExecSpec) -> Result<i32, RuntimeError>;
 
-    /// Removes everything the runtime keeps for a stopped container.
-    fn delete(&self, name: &str) -> Result<(), RuntimeError>;
+    /// Removes everything the runtime keeps for a stopped container, its directory
+    /// (`Daemon::instance_directory`) included.
+    fn delete(&self, name: &str, directory: &Path) -> Result<(), RuntimeError>;
 
-    /// Moves what the runtime keeps for a stopped container to a new name.
-    fn rename(&self, name: &str, new_name: &str) -> Result<(), RuntimeError>;
+    /// Moves what the runtime keeps for a stopped container to a new name, its directory
+    /// from `directory` to `new_directory` (on the same pool).
+    fn rename(
+        &self,
+        name: &str,
+        new_name: &str,
+        directory: &Path,
+        new_directory: &Path,
+    ) -> Result<(), RuntimeError>;
 
-    /// Where the containers' directories (snapshot, console log) live.
-    fn containers_directory(&self) -> &Path;
-
-    /// The container's root as mounted on the host, while it runs.
-    fn root(&self, name: &str) -> PathBuf {
-        self.containers_directory()
-            .join(name)
-            .join(cove_shim::rootfs::ROOT)
+    /// The container's root as mounted on the host, while it runs, given its directory.
+    fn root(&self, directory: &Path) -> PathBuf {
+        directory.join(cove_shim::rootfs::ROOT)
     }
 
-    /// The console log, which stays after the container stopped.
-    fn console_log(&self, name: &str) -> PathBuf {
-        self.containers_directory().join(name).join("console.log")
+    /// The console log, which stays after the container stopped, given its directory.
+    fn console_log(&self, directory: &Path) -> PathBuf {
+        directory.join(cove_shim::container::CONSOLE_LOG)
     }
 
     /// The containers this runtime finds running (from its run directory), at coved's start.
     fn running(&self) -> Vec<String>;
 }
 
-/// Moves a stopped container's directory, with its files, to a new name (the caller has
+/// Moves a stopped container's directory, with its files, to its new name's (the caller has
 /// removed whatever held the new name).
-pub fn move_container_directory(
-    containers_directory: &Path,
-    name: &str,
-    new_name: &str,
-) -> Result<(), RuntimeError> {
-    let from = containers_directory.join(name);
-    let to = containers_directory.join(new_name);
+pub fn move_container_directory(from: &Path, to: &Path) -> Result<(), RuntimeError> {
     if from.exists() {
-        std::fs::rename(&from, &to).map_err(|source| RuntimeError::Io {
+        std::fs::rename(from, to).map_err(|source| RuntimeError::Io {
             what: format!("cannot move {} to {}", from.display(), to.display()),
             source,
         })?;

@@ -78,13 +78,12 @@ impl ShimRuntime {
 
     /// Removes what a stopped container left: its run-directory entry and directory (with
     /// its files).
-    fn clear(&self, name: &str) -> Result<(), RuntimeError> {
+    fn clear(&self, name: &str, directory: &Path) -> Result<(), RuntimeError> {
         self.forget_run(name)?;
-        let directory = self.host.containers_directory.join(name);
         if directory.exists() {
             let _ = cove_shim::rootfs::unmount_if_mounted(&directory.join(cove_shim::rootfs::ROOT));
-            let _ = cove_shim::rootfs::remove_snapshot(&directory);
-            std::fs::remove_dir_all(&directory).map_err(|source| RuntimeError::Io {
+            let _ = cove_shim::rootfs::remove_snapshot(directory);
+            std::fs::remove_dir_all(directory).map_err(|source| RuntimeError::Io {
                 what: format!("cannot remove {}", directory.display()),
                 source,
             })?;
@@ -194,7 +193,7 @@ impl Runtime for ShimRuntime {
             .arg("--run-dir")
             .arg(self.runs.root())
             .arg("--containers-dir")
-            .arg(&self.host.containers_directory)
+            .arg(spec.containers_directory()?)
             .arg("--cgroup-parent")
             .arg(&self.host.cgroup_parent);
         for (key, value) in &spec.keys {
@@ -204,6 +203,19 @@ impl Runtime for ShimRuntime {
             let name = nic.get("name").map_or("eth0", String::as_str);
             let mut device = name.to_string();
             for (key, value) in nic {
+                device.push_str(&format!(",{key}={value}"));
+            }
+            command.arg("--device").arg(device);
+        }
+        for (index, disk) in spec.disks.iter().enumerate() {
+            let mut device = format!("disk{index}");
+            for (key, value) in disk {
+                if value.contains(',') {
+                    return Err(RuntimeError::Failed(format!(
+                        "disk device {key} \"{value}\" holds a comma, which cove-shim's \
+                         --device cannot carry: use a path without one"
+                    )));
+                }
                 device.push_str(&format!(",{key}={value}"));
             }
             command.arg("--device").arg(device);
@@ -306,15 +318,21 @@ impl Runtime for ShimRuntime {
         client::finish_exec(connection).map_err(refused)
     }
 
-    fn delete(&self, name: &str) -> Result<(), RuntimeError> {
+    fn delete(&self, name: &str, directory: &Path) -> Result<(), RuntimeError> {
         match client::delete(&self.runs, name, false) {
             Ok(()) | Err(MonitorError::NotFound { .. }) => {}
             Err(error) => return Err(failed(error)),
         }
-        self.clear(name)
+        self.clear(name, directory)
     }
 
-    fn rename(&self, name: &str, new_name: &str) -> Result<(), RuntimeError> {
+    fn rename(
+        &self,
+        name: &str,
+        new_name: &str,
+        directory: &Path,
+        new_directory: &Path,
+    ) -> Result<(), RuntimeError> {
         if recorded_status(&self.runs, name) != RuntimeStatus::Stopped {
             return Err(RuntimeError::AlreadyRunning(name.to_string()));
         }
@@ -325,12 +343,8 @@ impl Runtime for ShimRuntime {
             Err(error) => return Err(failed(error)),
         }
         self.forget_run(name)?;
-        self.delete(new_name)?;
-        move_container_directory(&self.host.containers_directory, name, new_name)
-    }
-
-    fn containers_directory(&self) -> &Path {
-        &self.host.containers_directory
+        self.delete(new_name, new_directory)?;
+        move_container_directory(directory, new_directory)
     }
 
     fn running(&self) -> Vec<String> {

@@ -159,7 +159,7 @@ async fn target(daemon: &Arc<Daemon>, name: &str) -> Result<Target, ApiError> {
     let (expanded, _) = daemon.expand(&record.profiles, &record.config, &record.devices)?;
     let id_base = daemon.id_base(&expanded)?;
     Ok(Target {
-        root: daemon.runtime.root(name),
+        root: daemon.runtime.root(&daemon.instance_directory(&record)?),
         id_base,
     })
 }

@@ -206,6 +206,9 @@ async fn delete(State(daemon): State<Arc<Daemon>>, Path(fingerprint): Path<Strin
         directory
     };
     let _ = blocking(move || std::fs::remove_dir_all(target)).await;
+    let pools = daemon.clone();
+    let owned = fingerprint.clone();
+    let _ = blocking(move || pools.remove_image_from_pools(&owned)).await;
     daemon.events.lifecycle(
         "image-deleted",
         &format!("/1.0/images/{fingerprint}"),

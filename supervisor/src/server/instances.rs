@@ -355,6 +355,7 @@ async fn update(
     let lock = daemon.instance_lock(&name);
     let _guard = lock.lock().await;
     let mut record = record(&daemon, &name)?;
+    let before = record.clone();
     check_if_match(&headers, &instance_etag(&record))?;
     // Keys coved manages itself survive a PUT that omits them.
     let kept: BTreeMap<String, String> = record
@@ -401,6 +402,7 @@ async fn update(
         &record.config,
         &record.devices,
     )?;
+    daemon.check_pool_kept(&before, &record)?;
     daemon.store.update_instance(&record)?;
     daemon
         .events
@@ -607,7 +609,14 @@ async fn rename(
         let _new_guard = new_lock.lock().await;
         let runtime = daemon.runtime.clone();
         let (old, new) = (name.clone(), new_name.clone());
-        blocking(move || runtime.rename(&old, &new))
+        let directory = daemon
+            .store
+            .instance(&name)
+            .map_err(DaemonError::from)
+            .and_then(|record| daemon.instance_directory(&record))
+            .map_err(|error| error.to_string())?;
+        let new_directory = directory.with_file_name(&new_name);
+        blocking(move || runtime.rename(&old, &new, &directory, &new_directory))
             .await
             .map_err(|error| error.to_string())?
             .map_err(|error| error.to_string())?;
@@ -774,15 +783,17 @@ fn raw(bytes: Vec<u8>, content_type: &'static str) -> Response {
 }
 
 async fn console_log(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
-    record(&daemon, &name)?;
-    let path = daemon.runtime.console_log(&name);
+    let path = daemon
+        .runtime
+        .console_log(&daemon.instance_directory(&record(&daemon, &name)?)?);
     let bytes = tokio::fs::read(&path).await.unwrap_or_default();
     Ok(raw(bytes, "application/octet-stream"))
 }
 
 async fn clear_console(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
-    record(&daemon, &name)?;
-    let path = daemon.runtime.console_log(&name);
+    let path = daemon
+        .runtime
+        .console_log(&daemon.instance_directory(&record(&daemon, &name)?)?);
     if path.exists() {
         std::fs::File::create(&path).map_err(|error| {
             ApiError::new(500, format!("cannot clear the console log: {error}"))
@@ -829,7 +840,10 @@ fn log_path(daemon: &Daemon, name: &str, file: &str) -> Result<std::path::PathBu
         )));
     }
     if file == "console.log" {
-        return Ok(daemon.runtime.console_log(name));
+        let record = daemon.store.instance(name)?;
+        return Ok(daemon
+            .runtime
+            .console_log(&daemon.instance_directory(&record)?));
     }
     Ok(daemon.settings.logs().join(name).join(file))
 }

@@ -12,6 +12,7 @@ mod instances;
 mod operations;
 mod resources;
 mod snapshots;
+mod storage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -266,6 +267,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/", get(root))
         .merge(resources::routes())
+        .merge(storage::routes())
         .nest("/1.0/instances", instance_routes.clone())
         .nest("/1.0/containers", instance_routes)
         .merge(operations::routes())

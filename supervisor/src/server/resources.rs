@@ -1,4 +1,4 @@
-//! `/1.0` (server info), `/1.0/profiles`, `/1.0/storage-pools` and `/1.0/networks`.
+//! `/1.0` (server info), `/1.0/profiles` and `/1.0/networks` (storage pools: `storage.rs`).
 
 use std::collections::BTreeMap;
 use std::ffi::CStr;
@@ -35,21 +35,6 @@ pub fn routes() -> Router<Arc<Daemon>> {
                 .patch(patch_profile)
                 .post(rename_profile)
                 .delete(delete_profile),
-        )
-        .route(
-            "/1.0/storage-pools",
-            get(storage_pools).post(create_storage_pool),
-        )
-        .route(
-            "/1.0/storage-pools/{name}",
-            get(storage_pool)
-                .put(update_storage_pool)
-                .patch(update_storage_pool)
-                .delete(delete_storage_pool),
-        )
-        .route(
-            "/1.0/storage-pools/{name}/resources",
-            get(storage_pool_resources),
         )
         .route("/1.0/networks", get(networks))
         .route("/1.0/networks/{name}", get(network))
@@ -135,11 +120,14 @@ async fn server_info(State(daemon): State<Arc<Daemon>>) -> ApiResult {
             server_version: "5.0.2".into(),
             storage: "dir".into(),
             storage_version: "1".into(),
-            storage_supported_drivers: vec![StorageDriver {
-                name: "dir".into(),
-                version: "1".into(),
-                remote: false,
-            }],
+            storage_supported_drivers: crate::storage::DRIVERS
+                .iter()
+                .map(|driver| StorageDriver {
+                    name: driver.to_string(),
+                    version: "1".into(),
+                    remote: false,
+                })
+                .collect(),
         },
     };
     let _ = daemon;
@@ -250,6 +238,7 @@ async fn create_profile(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiRes
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
     config::validate_devices(&request.devices)
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    daemon.validate_storage_devices(&request.devices)?;
     daemon.store.create_profile(&ProfileRecord {
         name: request.name.clone(),
         description: request.description,
@@ -299,6 +288,8 @@ async fn update_profile(
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
     config::validate_devices(&record.devices)
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    daemon.validate_storage_devices(&record.devices)?;
+    daemon.check_pools_kept_with_profile(&record)?;
     daemon.store.update_profile(&record)?;
     daemon.events.lifecycle(
         "profile-updated",
@@ -370,130 +361,6 @@ async fn delete_profile(State(daemon): State<Arc<Daemon>>, Path(name): Path<Stri
         BTreeMap::new(),
     );
     ok()
-}
-
-// Storage pools.
-
-fn pool_view(daemon: &Daemon, name: &str) -> Result<types::StoragePool, ApiError> {
-    let record = daemon.store.storage_pool(name)?;
-    let mut used_by: Vec<String> = daemon
-        .store
-        .instances()?
-        .into_iter()
-        .map(|instance| format!("/1.0/instances/{}", instance.name))
-        .collect();
-    for profile in daemon.store.profiles()? {
-        if profile
-            .devices
-            .values()
-            .any(|device| device.get("pool").map(String::as_str) == Some(name))
-        {
-            used_by.push(format!("/1.0/profiles/{}", profile.name));
-        }
-    }
-    Ok(types::StoragePool {
-        name: record.name,
-        driver: record.driver,
-        description: record.description,
-        config: record.config,
-        used_by,
-        status: "Created".into(),
-        locations: vec!["none".into()],
-    })
-}
-
-async fn storage_pools(State(daemon): State<Arc<Daemon>>, query: Query) -> ApiResult {
-    let records = daemon.store.storage_pools()?;
-    if query.recursion() == 0 {
-        return sync(list_urls(
-            "/1.0/storage-pools",
-            records.into_iter().map(|record| record.name),
-        ));
-    }
-    let views = records
-        .iter()
-        .map(|record| pool_view(&daemon, &record.name))
-        .collect::<Result<Vec<_>, _>>()?;
-    sync(views)
-}
-
-async fn create_storage_pool() -> ApiResult {
-    Err(ApiError::bad_request(
-        "creating storage pools is not supported: coved has one dir pool, \"default\"",
-    ))
-}
-
-async fn storage_pool(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
-    let view = pool_view(&daemon, &name)?;
-    let tag = json!({"config": view.config, "description": view.description});
-    sync_tagged(view, &tag)
-}
-
-async fn update_storage_pool(
-    State(daemon): State<Arc<Daemon>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult {
-    let request: Value = json_body(body).await?;
-    let mut record = daemon.store.storage_pool(&name)?;
-    check_if_match(
-        &headers,
-        &json!({"config": record.config, "description": record.description}),
-    )?;
-    if let Some(config) = request.get("config").and_then(Value::as_object) {
-        for (key, value) in config {
-            if record
-                .config
-                .get(key)
-                .map(|current| Value::from(current.as_str()))
-                != Some(value.clone())
-            {
-                return Err(ApiError::bad_request(format!(
-                    "storage pool key \"{key}\" cannot be changed"
-                )));
-            }
-        }
-    }
-    if let Some(description) = request.get("description").and_then(Value::as_str) {
-        record.description = description.to_string();
-    }
-    daemon.store.update_storage_pool(&record)?;
-    ok()
-}
-
-async fn delete_storage_pool(Path(name): Path<String>) -> ApiResult {
-    Err(ApiError::bad_request(format!(
-        "storage pool \"{name}\" cannot be deleted: coved's default pool holds every instance"
-    )))
-}
-
-async fn storage_pool_resources(
-    State(daemon): State<Arc<Daemon>>,
-    Path(name): Path<String>,
-) -> ApiResult {
-    daemon.store.storage_pool(&name)?;
-    let path = std::ffi::CString::new(daemon.settings.directory.as_os_str().as_encoded_bytes())
-        .map_err(|_| ApiError::new(500, "the cove directory's path holds a NUL byte"))?;
-    // SAFETY: statvfs is plain data that statvfs(3) fills.
-    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is NUL-terminated and `stats` is writable.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
-        return Err(ApiError::new(
-            500,
-            format!(
-                "cannot read the pool's usage: {}",
-                std::io::Error::last_os_error()
-            ),
-        ));
-    }
-    let block = stats.f_frsize as u64;
-    let total = stats.f_blocks as u64 * block;
-    let free = stats.f_bfree as u64 * block;
-    sync(json!({
-        "space": {"total": total, "used": total.saturating_sub(free)},
-        "inodes": {"total": stats.f_files as u64, "used": (stats.f_files - stats.f_ffree) as u64},
-    }))
 }
 
 // Networks: the host's interfaces, unmanaged.

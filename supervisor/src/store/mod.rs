@@ -22,6 +22,9 @@ mod snapshots;
 
 pub use snapshots::SnapshotRecord;
 
+mod pools;
+pub use pools::StorageVolumeRecord;
+
 /// The schema, one entry per version: entry N upgrades version N to N + 1.
 const MIGRATIONS: &[&str] = &[
     // 1: the first schema.
@@ -83,6 +86,15 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL,
         expires_at TEXT NOT NULL,
         PRIMARY KEY (instance, name)
+    );",
+    // 3: custom storage volumes.
+    "CREATE TABLE storage_volumes (
+        pool TEXT NOT NULL REFERENCES storage_pools(name) ON DELETE RESTRICT,
+        name TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        config TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (pool, name)
     );",
 ];
 
