@@ -134,6 +134,8 @@ pub struct Daemon {
     pub runtime: Arc<dyn Runtime>,
     pub operations: Arc<Operations>,
     pub events: Events,
+    /// The managed networks' dnsmasq watches.
+    pub networks: crate::networks::Networks,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -179,6 +181,7 @@ impl Daemon {
         let store = Store::open(&settings.database())?;
         let events = Events::new();
         let daemon = Self {
+            networks: crate::networks::Networks::new(&settings.directory.join("networks")),
             operations: Arc::new(Operations::new(events.clone())),
             events,
             store,
@@ -329,6 +332,7 @@ impl Daemon {
         let (expanded, expanded_devices) = self.expand(profiles, config_keys, devices)?;
         config::validate_keys(&expanded)?;
         config::validate_expanded_devices(&expanded_devices)?;
+        self.validate_network_nics(name, &expanded_devices)?;
         config::validate_for_container(name, &self.image_rootfs(image), &expanded)?;
         Ok(())
     }
@@ -403,6 +407,7 @@ impl Daemon {
             nic: config::nic_device(name, &devices),
         };
         self.store.set_power(name, Power::Running, &clock::now())?;
+        self.refresh_network_hosts();
         let runtime = self.runtime.clone();
         match blocking(move || match runtime.status(&spec.name) {
             RuntimeStatus::Stopped => runtime.start(&spec),
@@ -466,6 +471,7 @@ impl Daemon {
         })
         .await??;
         self.store.delete_instance(name)?;
+        self.refresh_network_hosts();
         let _ = std::fs::remove_dir_all(self.settings.logs().join(name));
         self.events
             .lifecycle("instance-deleted", &instance_url(name), BTreeMap::new());

@@ -1,5 +1,6 @@
 //! coved's durable state: one SQLite database (`$COVE_DIR/cove.db`, WAL mode, synchronous
-//! FULL) holding instances, images and their aliases, profiles and storage pools.
+//! FULL) holding instances, images and their aliases, profiles, storage pools and
+//! managed networks.
 //!
 //! Every change is one transaction: a `kill -9` of coved at any moment leaves each row either
 //! committed whole or absent. The schema is versioned by `PRAGMA user_version`; each migration
@@ -17,6 +18,10 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::api::types::Device;
+
+mod networks;
+
+pub use networks::NetworkRecord;
 
 /// The schema, one entry per version: entry N upgrades version N to N + 1.
 const MIGRATIONS: &[&str] = &[
@@ -65,6 +70,14 @@ const MIGRATIONS: &[&str] = &[
         description TEXT NOT NULL DEFAULT '',
         config TEXT NOT NULL
     );",
+    // 2: managed networks, and the mark that the default network is still to be made.
+    "CREATE TABLE networks (
+        name TEXT PRIMARY KEY,
+        description TEXT NOT NULL DEFAULT '',
+        config TEXT NOT NULL
+    );
+    CREATE TABLE network_defaults_pending (name TEXT PRIMARY KEY);
+    INSERT INTO network_defaults_pending (name) VALUES ('default');",
 ];
 
 #[derive(Debug, thiserror::Error)]
