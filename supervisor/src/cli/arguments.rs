@@ -41,6 +41,10 @@ Images:
   image import FILE [ROOTFS] [--alias NAME]... [--public]
   image list [-f FORMAT] | info IMAGE | delete IMAGE...
   image alias create NAME IMAGE | delete NAME | list [-f FORMAT]
+Networks:
+  network list [-f FORMAT] | show NAME | delete NAME | list-leases NAME [-f FORMAT]
+  network create NAME [KEY=VALUE]...    (ipv4.address=auto|ADDRESS/PREFIX, ipv4.nat, ...)
+  network set NAME KEY VALUE | set NAME KEY=VALUE... | unset NAME KEY | get NAME KEY
 
 List columns: n name, s state, 4 IPv4, 6 IPv6, t type, S snapshots, p pid, P profiles,
 c created, l last used, N processes, m memory, a architecture, d description.";
@@ -191,6 +195,7 @@ pub enum Command {
     AliasDelete(String),
     AliasList(Format),
     Snapshot,
+    Network(super::networks::NetworkCommand),
 }
 
 fn format_flag(parsed: &Parsed) -> Result<Format, CliError> {
@@ -680,6 +685,7 @@ fn subcommand_of(subcommand: &str, arguments: &[String]) -> Result<Command, CliE
         "config" => config(arguments)?,
         "profile" => profile(arguments)?,
         "image" => image(arguments)?,
+        "network" => Command::Network(super::networks::parse(arguments)?),
         "snapshot" => Command::Snapshot,
         other => return Err(usage(format!("unknown command \"{other}\""))),
     })

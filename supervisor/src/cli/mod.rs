@@ -15,6 +15,7 @@ pub mod flags;
 pub mod format;
 pub mod images;
 pub mod instances;
+pub mod networks;
 pub mod profiles;
 pub mod yaml;
 
@@ -152,6 +153,7 @@ fn run(client: &Client, command: Command) -> Result<i32, CliError> {
         Command::AliasCreate { name, image } => images::alias_create(client, &name, &image)?,
         Command::AliasDelete(name) => images::alias_delete(client, &name)?,
         Command::AliasList(format) => images::alias_list(client, format)?,
+        Command::Network(command) => networks::run(client, command)?,
         Command::Snapshot => {
             return Err(CliError::Unsupported(
                 "snapshots are not supported yet: they come with virtual machine support".into(),
