@@ -100,6 +100,10 @@ impl NetworkedCoved {
             &format!("/1.0/instances/{name}/state"),
             Some(json!({"action": "start"})),
         );
+        self.booted(name);
+    }
+
+    fn booted(&self, name: &str) {
         eventually("the boot marker", BOOT_TIMEOUT, || {
             let response =
                 self.coved
@@ -525,6 +529,29 @@ fn nat_masquerades_to_the_outside_and_overlapping_subnets_are_refused() {
         ip(&["link", "show", "dev", "lab1"]);
         let pid = lab.dnsmasq_pid("lab1").expect("lab1's dnsmasq");
         assert!(running(pid));
+
+        // lxc puts an instance on it with a static address.
+        lab.coved
+            .lxc_ok(&["init", "busybox", "db", "--network", "lab1"]);
+        lab.coved.lxc_ok(&[
+            "config",
+            "device",
+            "set",
+            "db",
+            "eth0",
+            "ipv4.address=172.31.250.50",
+        ]);
+        lab.coved.lxc_ok(&["start", "db"]);
+        lab.booted("db");
+        assert_eq!(lab.dhcp("db"), Ipv4Addr::new(172, 31, 250, 50));
+        let leases = lab
+            .coved
+            .lxc_ok(&["network", "list-leases", "lab1", "--format", "csv"]);
+        assert!(
+            leases.contains("db,") && leases.contains("172.31.250.50,STATIC"),
+            "{leases}"
+        );
+        lab.coved.lxc_ok(&["delete", "db", "--force"]);
         let deleted = lab.coved.request("DELETE", "/1.0/networks/lab1", None);
         assert_eq!(deleted.status, 200, "{}", deleted.json());
         let link = Command::new("ip")

@@ -28,11 +28,13 @@ fn is_nic(device: &Device) -> bool {
     device.get("type").map(String::as_str) == Some("nic")
 }
 
-/// The network a device's nic joins, if it names one.
+/// The network (or bridge) a device's nic joins: `network`, or a bridged nic's `parent` (what
+/// clients send for a network when the server does not announce `instance_nic_network`).
 fn nic_network(device: &Device) -> Option<&str> {
-    is_nic(device)
-        .then(|| device.get("network").map(String::as_str))
-        .flatten()
+    if !is_nic(device) {
+        return None;
+    }
+    device.get("network").or(device.get("parent")).map(String::as_str)
 }
 
 /// Keeps the watched dnsmasq running: waits for it to exit, then starts it again (waiting a
