@@ -85,6 +85,23 @@ impl NetworkedCoved {
             .ok()
     }
 
+    /// Waits until a dnsmasq other than `old` runs for the network.
+    fn wait_for_new_dnsmasq(&self, name: &str, old: u32) {
+        let deadline = Instant::now() + RESTART_TIMEOUT;
+        loop {
+            match self.dnsmasq_pid(name) {
+                Some(pid) if pid != old && running(pid) => return,
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "coved did not restart dnsmasq:\n{}",
+                self.coved.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Creates a container from busybox with `devices`, starts it and waits for its init.
     fn launch(&self, name: &str, devices: Value) {
         self.coved.operation(
@@ -359,9 +376,9 @@ fn cove_binary() -> PathBuf {
 }
 
 #[test]
-fn a_killed_dnsmasq_is_restarted_and_serves_again() {
+fn a_killed_dnsmasq_is_restarted_and_outlives_coved() {
     in_private_network(|| {
-        let lab = NetworkedCoved::start("net-restart");
+        let mut lab = NetworkedCoved::start("net-restart");
         lab.launch("alpha", json!({}));
         let first = lab.dhcp("alpha");
         let pid = lab.dnsmasq_pid("covebr0").expect("dnsmasq's pid file");
@@ -369,20 +386,18 @@ fn a_killed_dnsmasq_is_restarted_and_serves_again() {
 
         // SAFETY: kill(2) takes no pointers; `pid` is the test coved's dnsmasq.
         assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-        let deadline = Instant::now() + RESTART_TIMEOUT;
-        loop {
-            match lab.dnsmasq_pid("covebr0") {
-                Some(new_pid) if new_pid != pid && running(new_pid) => break,
-                _ => {}
-            }
-            assert!(
-                Instant::now() < deadline,
-                "coved did not restart dnsmasq:\n{}",
-                lab.coved.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        lab.wait_for_new_dnsmasq("covebr0", pid);
         // A new DHCP request is answered, with the same lease.
+        assert_eq!(lab.dhcp("alpha"), first);
+
+        // dnsmasq outlives coved; the next coved finds it and watches it again.
+        let pid = lab.dnsmasq_pid("covebr0").expect("dnsmasq's pid file");
+        lab.coved.restart();
+        assert_eq!(lab.dnsmasq_pid("covebr0"), Some(pid));
+        assert!(running(pid), "dnsmasq {pid} did not outlive coved");
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        lab.wait_for_new_dnsmasq("covebr0", pid);
         assert_eq!(lab.dhcp("alpha"), first);
     });
 }
