@@ -34,7 +34,10 @@ fn nic_network(device: &Device) -> Option<&str> {
     if !is_nic(device) {
         return None;
     }
-    device.get("network").or(device.get("parent")).map(String::as_str)
+    device
+        .get("network")
+        .or(device.get("parent"))
+        .map(String::as_str)
 }
 
 /// Keeps the watched dnsmasq running: waits for it to exit, then starts it again (waiting a
