@@ -21,6 +21,17 @@ use crate::events::Events;
 use crate::instances::config as instance_config;
 use crate::store::{NetworkRecord, StoreError};
 
+/// An instance's nic on a managed network.
+struct NetworkNic {
+    instance: String,
+    /// The device's name.
+    device: String,
+    /// The MAC address the nic gets (the one coved makes when the device has none).
+    hwaddr: String,
+    /// Its `ipv4.address`, a static address.
+    address: Option<Ipv4Addr>,
+}
+
 /// The longest wait between two restarts of a dnsmasq that keeps dying.
 const MOST_RESTART_DELAY: Duration = Duration::from_secs(30);
 
@@ -323,10 +334,13 @@ impl Daemon {
             (None, true) => {}
         }
         let parsed = self.settle_config(name, &mut record.config)?;
-        for (instance, device, address) in self.static_addresses(name, None)? {
+        for nic in self.network_nics(name)? {
+            let (instance, Some(address)) = (&nic.instance, nic.address) else {
+                continue;
+            };
             if !parsed.subnet.contains(address) || address == parsed.gateway {
                 return Err(NetworkError::Nic {
-                    device,
+                    device: nic.device,
                     problem: format!(
                         "instance \"{instance}\" has ipv4.address {address}, outside the new \
                          subnet {} or on its gateway: change it first",
@@ -400,9 +414,8 @@ impl Daemon {
         Ok(users)
     }
 
-    /// Each instance's nic on the network: its name, the MAC address it gets, and its
-    /// `ipv4.address` if it has one.
-    fn network_nics(&self, name: &str) -> Result<Vec<(String, String, Device)>, DaemonError> {
+    /// Each instance's nic on the network.
+    fn network_nics(&self, name: &str) -> Result<Vec<NetworkNic>, DaemonError> {
         let layers = self.profile_layers()?;
         let mut nics = Vec::new();
         for record in self.store.instances()? {
@@ -422,28 +435,39 @@ impl Daemon {
             let hwaddr = instance_config::nic_device(&record.name, &devices)
                 .and_then(|keys| keys.get("hwaddr").cloned())
                 .unwrap_or_default();
-            let mut device = device.clone();
-            device.insert("cove.device".into(), device_name.clone());
-            nics.push((record.name, hwaddr, device));
+            nics.push(NetworkNic {
+                device: device_name.clone(),
+                hwaddr,
+                address: device
+                    .get("ipv4.address")
+                    .and_then(|text| text.trim().parse().ok()),
+                instance: record.name,
+            });
         }
         Ok(nics)
     }
 
-    /// The static addresses on the network (instance, device, address), but `except`'s.
-    fn static_addresses(
+    /// Who holds the static address `address` on the network, but `except` (an instance
+    /// being checked, or a host being registered): an instance, or a registered host.
+    fn static_address_holder(
         &self,
         name: &str,
-        except: Option<&str>,
-    ) -> Result<Vec<(String, String, Ipv4Addr)>, DaemonError> {
-        Ok(self
+        address: Ipv4Addr,
+        except: &str,
+    ) -> Result<Option<String>, DaemonError> {
+        if let Some(nic) = self
             .network_nics(name)?
             .into_iter()
-            .filter(|(instance, _, _)| Some(instance.as_str()) != except)
-            .filter_map(|(instance, _, device)| {
-                let address = device.get("ipv4.address")?.trim().parse().ok()?;
-                Some((instance, device.get("cove.device")?.clone(), address))
-            })
-            .collect())
+            .find(|nic| nic.instance != except && nic.address == Some(address))
+        {
+            return Ok(Some(format!("instance \"{}\"'s", nic.instance)));
+        }
+        Ok(self
+            .networks
+            .registered(name)
+            .into_iter()
+            .find(|entry| entry.name != except && entry.address == Some(address))
+            .map(|entry| format!("host \"{}\"'s", entry.name)))
     }
 
     /// Checks the nics of a would-be instance: `ipv4.address` only on a managed network,
@@ -491,15 +515,8 @@ impl Daemon {
                 ))
                 .into());
             }
-            if let Some((other, _, _)) = self
-                .static_addresses(&record.name, Some(instance))?
-                .into_iter()
-                .find(|(_, _, taken)| *taken == address)
-            {
-                return Err(problem(format!(
-                    "ipv4.address {address} is already instance \"{other}\"'s"
-                ))
-                .into());
+            if let Some(holder) = self.static_address_holder(&record.name, address, instance)? {
+                return Err(problem(format!("ipv4.address {address} is already {holder}")).into());
             }
         }
         Ok(())
@@ -515,13 +532,11 @@ impl Daemon {
             })?;
         let mut entries: Vec<HostEntry> = nics
             .into_iter()
-            .filter(|(_, hwaddr, _)| !hwaddr.is_empty())
-            .map(|(instance, hwaddr, device)| HostEntry {
-                hwaddr,
-                address: device
-                    .get("ipv4.address")
-                    .and_then(|text| text.trim().parse().ok()),
-                name: instance,
+            .filter(|nic| !nic.hwaddr.is_empty())
+            .map(|nic| HostEntry {
+                hwaddr: nic.hwaddr,
+                address: nic.address,
+                name: nic.instance,
             })
             .collect();
         entries.extend(self.networks.registered(name));
