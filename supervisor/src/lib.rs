@@ -4,8 +4,8 @@
 //! What lives here: the API types shared by the daemon, the CLI and the tests (`api`); the
 //! HTTP routes (`server`); the SQLite store (`store`); managed networks (`networks`); images,
 //! operations, events, and the instance layer that drives containers through a small runtime
-//! trait (`instances`). What must not: device models or container internals, which belong to their own crates.
-//! `docs/api.md` says what the API supports.
+//! trait (`instances`). What must not: device models or container internals, which belong to
+//! their own crates. `docs/api.md` says what the API supports.
 
 pub mod api;
 pub mod cli;
