@@ -46,6 +46,8 @@ pub const API_EXTENSIONS: &[&str] = &[
     "operation_wait",
     "storage_api_local_volume_handling",
     "network_state",
+    "network_leases",
+    "instance_nic_network",
     "api_filtering",
     "console",
     "container_backup",
@@ -134,6 +136,8 @@ pub struct Daemon {
     pub runtime: Arc<dyn Runtime>,
     pub operations: Arc<Operations>,
     pub events: Events,
+    /// The managed networks' dnsmasq watches.
+    pub networks: crate::networks::Networks,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -179,6 +183,7 @@ impl Daemon {
         let store = Store::open(&settings.database())?;
         let events = Events::new();
         let daemon = Self {
+            networks: crate::networks::Networks::new(&settings.directory.join("networks")),
             operations: Arc::new(Operations::new(events.clone())),
             events,
             store,
@@ -331,6 +336,7 @@ impl Daemon {
         config::validate_keys(&expanded)?;
         config::validate_expanded_devices(&expanded_devices)?;
         self.validate_storage_devices(&expanded_devices)?;
+        self.validate_network_nics(name, &expanded_devices)?;
         config::validate_for_container(name, &self.image_rootfs(image), &expanded)?;
         Ok(())
     }
@@ -412,6 +418,7 @@ impl Daemon {
             disks: self.disk_mounts(&devices)?,
         };
         self.store.set_power(name, Power::Running, &clock::now())?;
+        self.refresh_network_hosts();
         let runtime = self.runtime.clone();
         match blocking(move || match runtime.status(&spec.name) {
             RuntimeStatus::Stopped => runtime.start(&spec),
@@ -479,6 +486,7 @@ impl Daemon {
         })
         .await??;
         self.store.delete_instance(name)?;
+        self.refresh_network_hosts();
         let _ = std::fs::remove_dir_all(self.settings.logs().join(name));
         self.events
             .lifecycle("instance-deleted", &instance_url(name), BTreeMap::new());

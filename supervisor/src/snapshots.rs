@@ -172,7 +172,10 @@ impl Daemon {
     }
 
     fn snapshot_path(&self, instance: &str, name: &str) -> Result<PathBuf, DaemonError> {
-        Ok(layers::snapshot_directory(&self.directory_of(instance)?, name))
+        Ok(layers::snapshot_directory(
+            &self.directory_of(instance)?,
+            name,
+        ))
     }
 
     pub fn snapshot_view(&self, record: &SnapshotRecord) -> types::InstanceSnapshot {

@@ -235,6 +235,7 @@ impl Coved {
             .arg("--shim")
             .arg(shim)
             .args(&self.extra_arguments)
+            .args(self.default_network_arguments())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone the log"))
             .stderr(log)
@@ -252,6 +253,20 @@ impl Coved {
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// No default network (no bridge, no dnsmasq) unless the test asks for one with
+    /// `--default-network NAME`: a test's coved must not touch the network it runs in.
+    fn default_network_arguments(&self) -> &'static [&'static str] {
+        if self
+            .extra_arguments
+            .iter()
+            .any(|argument| argument == "--default-network")
+        {
+            &[]
+        } else {
+            &["--default-network", "none"]
         }
     }
 

@@ -649,6 +649,27 @@ pub struct Network {
     pub locations: Vec<String>,
 }
 
+/// POST /1.0/networks
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct NetworksPost {
+    pub name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub description: String,
+    #[serde(rename = "type", default, deserialize_with = "nullable")]
+    pub kind: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub config: BTreeMap<String, String>,
+}
+
+/// PUT and PATCH /1.0/networks/<name>
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct NetworkPut {
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub config: Option<BTreeMap<String, String>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

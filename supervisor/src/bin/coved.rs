@@ -12,6 +12,7 @@ use cove_supervisor::instances::runtime::Runtime;
 
 const USAGE: &str = "usage: coved [--dir DIR] [--group GROUP] [--cgroup-parent NAME]
              [--max-image-size BYTES] [--runtime shim|library] [--shim PATH]
+             [--default-network NAME|none]
 
   --dir DIR              state, images, containers and the socket (default: $COVE_DIR, else
                          /var/lib/cove)
@@ -21,12 +22,15 @@ const USAGE: &str = "usage: coved [--dir DIR] [--group GROUP] [--cgroup-parent N
   --runtime shim         one cove-shim monitor process per container (the default); containers
                          outlive coved
   --runtime library      containers inside coved's process (development only: they die with it)
-  --shim PATH            the cove-shim binary (default: beside coved, else on PATH)";
+  --shim PATH            the cove-shim binary (default: beside coved, else on PATH)
+  --default-network NAME the managed network made on the first start, which the default
+                         profile's eth0 joins (default: covebr0; none: no network)";
 
 struct Options {
     settings: Settings,
     runtime: String,
     shim: Option<PathBuf>,
+    default_network: Option<String>,
 }
 
 fn parse(arguments: &[String]) -> Result<Options, String> {
@@ -40,6 +44,7 @@ fn parse(arguments: &[String]) -> Result<Options, String> {
     };
     let mut runtime = "shim".to_string();
     let mut shim = None;
+    let mut default_network = Some(cove_supervisor::networks::DEFAULT_NETWORK.to_string());
     let mut iterator = arguments.iter();
     while let Some(argument) = iterator.next() {
         let mut value = || {
@@ -72,6 +77,16 @@ fn parse(arguments: &[String]) -> Result<Options, String> {
                 }
             }
             "--shim" => shim = Some(PathBuf::from(value()?)),
+            "--default-network" => {
+                let name = value()?;
+                default_network = if name == "none" {
+                    None
+                } else {
+                    cove_supervisor::networks::validate_name(&name)
+                        .map_err(|error| error.to_string())?;
+                    Some(name)
+                };
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument \"{other}\"")),
         }
@@ -85,6 +100,7 @@ fn parse(arguments: &[String]) -> Result<Options, String> {
         settings,
         runtime,
         shim,
+        default_network,
     })
 }
 
@@ -172,6 +188,8 @@ fn main() -> ExitCode {
             daemon.settings.socket().display(),
             std::process::id()
         );
+        // Before instances start: their nics join the networks' bridges.
+        daemon.start_networks(options.default_network.as_deref());
         let reconciling = daemon.clone();
         tokio::spawn(async move {
             if let Err(error) = reconciling.reconcile().await {

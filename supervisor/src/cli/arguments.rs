@@ -48,6 +48,10 @@ Storage:
   storage create NAME DRIVER [KEY=VALUE]...   (DRIVER: dir or btrfs; keys source, size)
   storage list [-f FORMAT] | info NAME | delete NAME | set NAME KEY=VALUE...
   storage volume create POOL NAME [KEY=VALUE]... | list POOL [-f FORMAT] | delete POOL NAME
+Networks:
+  network list [-f FORMAT] | show NAME | delete NAME | list-leases NAME [-f FORMAT]
+  network create NAME [KEY=VALUE]...    (ipv4.address=auto|ADDRESS/PREFIX, ipv4.nat, ...)
+  network set NAME KEY VALUE | set NAME KEY=VALUE... | unset NAME KEY | get NAME KEY
 
 List columns: n name, s state, 4 IPv4, 6 IPv6, t type, S snapshots, p pid, P profiles,
 c created, l last used, N processes, m memory, a architecture, d description.";
@@ -199,6 +203,7 @@ pub enum Command {
     AliasList(Format),
     Snapshots(super::snapshots::SnapshotCommand),
     Storage(super::storage::StorageCommand),
+    Network(super::networks::NetworkCommand),
 }
 
 fn format_flag(parsed: &Parsed) -> Result<Format, CliError> {
@@ -692,6 +697,7 @@ fn subcommand_of(subcommand: &str, arguments: &[String]) -> Result<Command, CliE
             Command::Snapshots(super::snapshots::parse(subcommand, arguments)?)
         }
         "storage" => Command::Storage(super::storage::parse(arguments)?),
+        "network" => Command::Network(super::networks::parse(arguments)?),
         other => return Err(usage(format!("unknown command \"{other}\""))),
     })
 }

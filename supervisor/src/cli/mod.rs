@@ -15,6 +15,7 @@ pub mod flags;
 pub mod format;
 pub mod images;
 pub mod instances;
+pub mod networks;
 pub mod profiles;
 pub mod snapshots;
 pub mod storage;
@@ -156,6 +157,7 @@ fn run(client: &Client, command: Command) -> Result<i32, CliError> {
         Command::AliasList(format) => images::alias_list(client, format)?,
         Command::Snapshots(command) => snapshots::run(client, &command)?,
         Command::Storage(command) => storage::run(client, command)?,
+        Command::Network(command) => networks::run(client, command)?,
     }
     Ok(0)
 }

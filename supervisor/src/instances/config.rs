@@ -226,6 +226,9 @@ pub fn validate_expanded_devices(devices: &BTreeMap<String, Device>) -> Result<(
 /// interface inside is named after the device unless `name` says otherwise.
 fn nic_keys(device_name: &str, device: &Device) -> BTreeMap<String, String> {
     let mut keys = device.clone();
+    // A static address is coved's to hand out through the network's DHCP server
+    // (`crate::networks`), not the container core's.
+    keys.remove("ipv4.address");
     if let Some(network) = keys.remove("network") {
         keys.entry("nictype".to_string())
             .or_insert_with(|| "bridged".to_string());

@@ -9,6 +9,7 @@ mod exec;
 mod files;
 mod images;
 mod instances;
+mod networks;
 mod operations;
 mod resources;
 mod snapshots;
@@ -272,6 +273,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .nest("/1.0/containers", instance_routes)
         .merge(operations::routes())
         .merge(images::routes())
+        .merge(networks::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::disable())
         .method_not_allowed_fallback(|| async { ApiError::new(405, "method not allowed") })

@@ -1,4 +1,5 @@
-//! `/1.0` (server info), `/1.0/profiles` and `/1.0/networks` (storage pools: `storage.rs`).
+//! `/1.0` (server info) and `/1.0/profiles` (storage pools: `storage.rs`; networks:
+//! `networks.rs`).
 
 use std::collections::BTreeMap;
 use std::ffi::CStr;
@@ -36,9 +37,6 @@ pub fn routes() -> Router<Arc<Daemon>> {
                 .post(rename_profile)
                 .delete(delete_profile),
         )
-        .route("/1.0/networks", get(networks))
-        .route("/1.0/networks/{name}", get(network))
-        .route("/1.0/networks/{name}/state", get(network_state))
         .route("/1.0/certificates", get(empty_list))
         .route("/1.0/projects", get(projects))
         .route("/1.0/projects/{name}", get(project))
@@ -361,97 +359,4 @@ async fn delete_profile(State(daemon): State<Arc<Daemon>>, Path(name): Path<Stri
         BTreeMap::new(),
     );
     ok()
-}
-
-// Networks: the host's interfaces, unmanaged.
-
-fn interface_kind(name: &str) -> &'static str {
-    let base = std::path::Path::new("/sys/class/net").join(name);
-    if name == "lo" {
-        "loopback"
-    } else if base.join("bridge").exists() {
-        "bridge"
-    } else if base.join("bonding").exists() {
-        "bond"
-    } else if base.join("device").exists() {
-        "physical"
-    } else {
-        "unknown"
-    }
-}
-
-fn interfaces() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
-fn network_view(name: &str) -> types::Network {
-    types::Network {
-        name: name.to_string(),
-        description: String::new(),
-        kind: interface_kind(name).to_string(),
-        managed: false,
-        config: BTreeMap::new(),
-        used_by: Vec::new(),
-        status: String::new(),
-        locations: Vec::new(),
-    }
-}
-
-async fn networks(query: Query) -> ApiResult {
-    let names = interfaces();
-    if query.recursion() == 0 {
-        return sync(list_urls("/1.0/networks", names));
-    }
-    sync(
-        names
-            .iter()
-            .map(|name| network_view(name))
-            .collect::<Vec<_>>(),
-    )
-}
-
-fn existing_interface(name: &str) -> Result<(), ApiError> {
-    if interfaces().iter().any(|known| known == name) {
-        Ok(())
-    } else {
-        Err(ApiError::not_found(format!("network \"{name}\" not found")))
-    }
-}
-
-async fn network(Path(name): Path<String>) -> ApiResult {
-    existing_interface(&name)?;
-    sync(network_view(&name))
-}
-
-async fn network_state(Path(name): Path<String>) -> ApiResult {
-    existing_interface(&name)?;
-    let base = std::path::Path::new("/sys/class/net").join(&name);
-    let read = |file: &str| {
-        std::fs::read_to_string(base.join(file))
-            .map(|text| text.trim().to_string())
-            .unwrap_or_default()
-    };
-    let number = |file: &str| read(file).parse::<u64>().unwrap_or(0);
-    sync(json!({
-        "addresses": [],
-        "counters": {
-            "bytes_received": number("statistics/rx_bytes"),
-            "bytes_sent": number("statistics/tx_bytes"),
-            "packets_received": number("statistics/rx_packets"),
-            "packets_sent": number("statistics/tx_packets"),
-        },
-        "hwaddr": read("address"),
-        "mtu": number("mtu"),
-        "state": if read("operstate") == "down" { "down" } else { "up" },
-        "type": if name == "lo" { "loopback" } else { "broadcast" },
-    }))
 }

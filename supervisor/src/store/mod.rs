@@ -1,5 +1,6 @@
 //! coved's durable state: one SQLite database (`$COVE_DIR/cove.db`, WAL mode, synchronous
-//! FULL) holding instances, images and their aliases, profiles and storage pools.
+//! FULL) holding instances, images and their aliases, profiles, storage pools and
+//! managed networks.
 //!
 //! Every change is one transaction: a `kill -9` of coved at any moment leaves each row either
 //! committed whole or absent. The schema is versioned by `PRAGMA user_version`; each migration
@@ -24,6 +25,9 @@ pub use snapshots::SnapshotRecord;
 
 mod pools;
 pub use pools::StorageVolumeRecord;
+mod networks;
+
+pub use networks::NetworkRecord;
 
 /// The schema, one entry per version: entry N upgrades version N to N + 1.
 const MIGRATIONS: &[&str] = &[
@@ -96,6 +100,14 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL,
         PRIMARY KEY (pool, name)
     );",
+    // 4: managed networks, and the mark that the default network is still to be made.
+    "CREATE TABLE networks (
+        name TEXT PRIMARY KEY,
+        description TEXT NOT NULL DEFAULT '',
+        config TEXT NOT NULL
+    );
+    CREATE TABLE network_defaults_pending (name TEXT PRIMARY KEY);
+    INSERT INTO network_defaults_pending (name) VALUES ('default');",
 ];
 
 #[derive(Debug, thiserror::Error)]
