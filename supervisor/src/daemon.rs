@@ -399,7 +399,11 @@ impl Daemon {
         let spec = LaunchSpec {
             name: name.to_string(),
             rootfs: self.image_rootfs(&record.image),
-            keys: config::container_keys(&expanded),
+            keys: if record.kind == "virtual-machine" {
+                crate::instances::vm_launch::launch_keys(&expanded)
+            } else {
+                config::container_keys(&expanded)
+            },
             nic: config::nic_device(name, &devices),
         };
         self.store.set_power(name, Power::Running, &clock::now())?;

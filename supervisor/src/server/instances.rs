@@ -205,19 +205,15 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
     let request: InstancesPost = json_body(body).await?;
     config::validate_name(&request.name)
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
-    match request.kind.as_str() {
-        "" | "container" => {}
-        "virtual-machine" => {
-            return Err(ApiError::bad_request(
-                "virtual machines are not supported by coved yet: create a container",
-            ))
-        }
+    let virtual_machine = match request.kind.as_str() {
+        "" | "container" => false,
+        super::virtual_machines::KIND => true,
         other => {
             return Err(ApiError::bad_request(format!(
-                "unknown instance type \"{other}\": use \"container\""
+                "unknown instance type \"{other}\": use \"container\" or \"virtual-machine\""
             )))
         }
-    }
+    };
     let image = resolve_image(&daemon, &request.source)?;
     let profiles = request
         .profiles
@@ -240,6 +236,9 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
         &request.config,
         &request.devices,
     )?;
+    if virtual_machine {
+        super::virtual_machines::admit(&daemon, &profiles, &request.config, &request.devices)?;
+    }
     let image_record = daemon.store.image(&image)?;
     let now = clock::now();
     let mut config_keys = request.config.clone();
@@ -251,7 +250,11 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
     config_keys.insert("volatile.base_image".into(), image.clone());
     let record = InstanceRecord {
         name: request.name.clone(),
-        kind: "container".into(),
+        kind: if virtual_machine {
+            super::virtual_machines::KIND.into()
+        } else {
+            "container".into()
+        },
         architecture: image_record.architecture.clone(),
         description: request.description.clone(),
         config: config_keys,
@@ -267,9 +270,17 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
             Power::Stopped
         },
     };
+    if virtual_machine {
+        super::virtual_machines::reserve(&daemon, &request.name)?;
+    }
     daemon
         .store
         .create_instance(&record)
+        .inspect_err(|_| {
+            if virtual_machine {
+                let _ = daemon.runtime.delete(&request.name);
+            }
+        })
         .map_err(|error| match error {
             StoreError::AlreadyExists { .. } => {
                 ApiError::new(409, format!("instance \"{}\" already exists", request.name))
@@ -295,6 +306,10 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
     let start = request.start;
     let work_daemon = daemon.clone();
     Operations::run(operation.clone(), async move {
+        if virtual_machine {
+            super::virtual_machines::create(work_daemon, name, image, start).await?;
+            return Ok(None);
+        }
         if start {
             let lock = work_daemon.instance_lock(&name);
             let _guard = lock.lock().await;

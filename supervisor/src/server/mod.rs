@@ -11,6 +11,8 @@ mod images;
 mod instances;
 mod operations;
 mod resources;
+mod virtual_machines;
+mod vm_files;
 
 use std::collections::HashMap;
 use std::sync::Arc;

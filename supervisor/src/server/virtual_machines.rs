@@ -1,0 +1,98 @@
+//! The VM side of `POST /1.0/instances` with `"type": "virtual-machine"`: the checks that
+//! refuse a VM before anything is made (a kvm-pvm host without the opt-in key, limits that do
+//! not fit), the VM's directory made before its row (so the runtimes know it for a VM from
+//! then on), and the creating operation's work: the disk, the first start, and the rollback
+//! that leaves nothing of an instance whose creation failed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::ApiError;
+use crate::api::types::Device;
+use crate::daemon::{blocking, instance_url, Daemon};
+use crate::instances::vm::VmRuntime;
+use crate::instances::vm_launch;
+
+/// The instance type of a VM, as LXD spells it.
+pub const KIND: &str = "virtual-machine";
+
+fn machines(daemon: &Daemon) -> Result<&VmRuntime, ApiError> {
+    daemon.runtime.virtual_machines().ok_or_else(|| {
+        ApiError::bad_request("this coved runs no virtual machines: start it with the shim runtime")
+    })
+}
+
+/// Refuses a VM this host cannot or may not run; reads only.
+pub fn admit(
+    daemon: &Daemon,
+    profiles: &[String],
+    config: &BTreeMap<String, String>,
+    devices: &BTreeMap<String, Device>,
+) -> Result<(), ApiError> {
+    let machines = machines(daemon)?;
+    let (expanded, _) = daemon.expand(profiles, config, devices)?;
+    vm_launch::admit(&expanded).map_err(|error| ApiError::bad_request(error.to_string()))?;
+    machines
+        .check_tools()
+        .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    Ok(())
+}
+
+/// Makes the VM's directory, before its row is committed.
+pub fn reserve(daemon: &Daemon, name: &str) -> Result<(), ApiError> {
+    machines(daemon)?
+        .reserve(name)
+        .map_err(|error| ApiError::new(500, error.to_string()))
+}
+
+/// Removes a VM's files and row (the creation failed).
+pub async fn roll_back(daemon: &Arc<Daemon>, name: &str) {
+    let runtime = daemon.runtime.clone();
+    let owned = name.to_string();
+    let _ = blocking(move || {
+        let _ = runtime.stop(&owned, std::time::Duration::ZERO);
+        runtime.delete(&owned)
+    })
+    .await;
+    let _ = daemon.store.delete_instance(name);
+    daemon
+        .events
+        .lifecycle("instance-deleted", &instance_url(name), BTreeMap::new());
+}
+
+/// The creating operation's work for a VM: its disk, then the start when asked for. Any
+/// failure removes the instance.
+pub async fn create(
+    daemon: Arc<Daemon>,
+    name: String,
+    image: String,
+    start: bool,
+) -> Result<(), String> {
+    let lock = daemon.instance_lock(&name);
+    let _guard = lock.lock().await;
+    let rootfs = daemon.image_rootfs(&image);
+    let prepared = {
+        let daemon = daemon.clone();
+        let name = name.clone();
+        blocking(move || match daemon.runtime.virtual_machines() {
+            Some(machines) => machines
+                .prepare_disk(&name, &rootfs)
+                .map_err(|error| error.to_string()),
+            None => Err("this coved runs no virtual machines".to_string()),
+        })
+        .await
+        .map_err(|error| error.to_string())
+        .and_then(|result| result)
+    };
+    if let Err(error) = prepared {
+        roll_back(&daemon, &name).await;
+        return Err(format!("cannot make the disk of \"{name}\": {error}"));
+    }
+    if start {
+        if let Err(error) = daemon.start_locked(&name).await {
+            roll_back(&daemon, &name).await;
+            return Err(error.to_string());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,397 @@
+//! Virtual machines through coved's API (`"type": "virtual-machine"`), as a user drives them
+//! with the API, `cove` and Debian's `lxc`: each VM runs under its own cove-vmm with the
+//! project kernel, its disk made from the same image a container runs, and exec, files and
+//! state go through the guest's cove-agent.
+//!
+//! On a kvm-pvm host (this project's development machines) a VM is refused unless the opt-in
+//! key `boot.allow_emulated_kvm` is set, and the refusal leaves nothing behind; with the key the
+//! busybox image boots (a minute or more: guest kernel code is emulated), so the whole story
+//! runs once, on one boot. The same story with the Debian image (systemd) needs hardware
+//! virtualisation and says NOT RUNNABLE elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use cove_tests::coved::{
+    busybox_unified_tarball, debian_tarball, http, processes_mentioning, Coved,
+};
+use cove_tests::{built_by, cove_agent, cove_vmm, host_is_kvm_pvm, require_kvm, scratch_dir};
+use serde_json::{json, Value};
+
+/// A boot on kvm-pvm takes a minute or more; shared machines are slower.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+const OPT_IN: &str = "boot.allow_emulated_kvm";
+
+fn path(path: &Path) -> String {
+    path.to_str().expect("UTF-8 path").to_string()
+}
+
+/// The project kernel of this host's flavour, built once per machine.
+fn kernel() -> &'static Path {
+    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
+    KERNEL.get_or_init(|| built_by("resources/build-kernel", &[]))
+}
+
+/// The release the kernel build recorded beside the vmlinux.
+fn kernel_release(kernel: &Path) -> String {
+    let info = std::fs::read_to_string(kernel.with_file_name("build-info")).expect("build-info");
+    info.lines()
+        .find_map(|line| line.strip_prefix("kernelrelease="))
+        .expect("kernelrelease= in build-info")
+        .to_string()
+}
+
+/// coved with the VM pieces named explicitly: cove-vmm of this build, the static agent, the
+/// project kernel.
+fn start_coved(test: &str) -> Coved {
+    require_kvm();
+    let vmm = cove_vmm();
+    let agent = cove_agent();
+    Coved::start(
+        test,
+        &[
+            "--vmm",
+            &path(&vmm),
+            "--vm-agent",
+            &path(agent),
+            "--vm-kernel",
+            &path(kernel()),
+            "--vm-ready-timeout",
+            &BOOT_TIMEOUT.as_secs().to_string(),
+        ],
+    )
+}
+
+/// The `cove` CLI of this build profile.
+fn cove_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let (coved, _) = cove_tests::coved::binaries();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let mut build = Command::new(cargo);
+        build.current_dir(cove_tests::repository()).args([
+            "build",
+            "-p",
+            "cove-supervisor",
+            "--bin",
+            "cove",
+        ]);
+        if coved.parent().and_then(Path::file_name) == Some("release".as_ref()) {
+            build.arg("--release");
+        }
+        assert!(build.status().expect("run cargo build").success());
+        coved.with_file_name("cove")
+    })
+}
+
+fn cove(coved: &Coved, arguments: &[&str]) -> Output {
+    Command::new(cove_binary())
+        .arg("--dir")
+        .arg(&coved.directory)
+        .args(arguments)
+        .env_remove("COVE_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cove")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn machines_directory(coved: &Coved) -> PathBuf {
+    coved
+        .directory
+        .join("storage-pools")
+        .join("default")
+        .join("virtual-machines")
+}
+
+/// cove-vmm processes that work for this coved.
+fn vmm_processes(coved: &Coved) -> Vec<u32> {
+    processes_mentioning(&path(&coved.directory))
+        .into_iter()
+        .filter(|(_, line)| {
+            line.split('\0')
+                .next()
+                .is_some_and(|program| program.ends_with("cove-vmm"))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Nothing of `name` anywhere: no instance, no files, no cove-vmm, no image disk.
+fn assert_nothing_left(coved: &Coved, name: &str) {
+    let instances = coved.get("/1.0/instances");
+    assert_eq!(instances, json!([]), "no instance remains");
+    assert!(
+        !machines_directory(coved).join(name).exists(),
+        "no VM directory remains"
+    );
+    assert!(
+        !coved.run_directory().join(name).exists(),
+        "no run directory remains"
+    );
+    assert!(vmm_processes(coved).is_empty(), "no cove-vmm runs");
+}
+
+fn import_busybox(coved: &Coved) {
+    let scratch = scratch_dir("coved-vm-image");
+    let tarball = busybox_unified_tarball(&scratch);
+    coved.import_image(&tarball, "busybox");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[test]
+fn a_vm_on_kvm_pvm_is_refused_without_the_opt_in_key_and_nothing_is_left() {
+    require_kvm();
+    if !host_is_kvm_pvm() {
+        eprintln!("NOT RUNNABLE: this host has hardware virtualisation, where VMs need no opt-in");
+        return;
+    }
+    let coved = start_coved("vm-refused");
+    import_busybox(&coved);
+
+    let response = coved.request(
+        "POST",
+        "/1.0/instances",
+        Some(json!({
+            "name": "vm1", "type": "virtual-machine",
+            "source": {"type": "image", "alias": "busybox"},
+        })),
+    );
+    let body = response.json();
+    assert_eq!(response.status, 400, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(message.contains("kvm-pvm"), "{message}");
+    assert!(
+        message.contains(OPT_IN),
+        "the refusal names the key: {message}"
+    );
+    assert_nothing_left(&coved, "vm1");
+
+    let output = cove(&coved, &["launch", "busybox", "vm2", "--vm"]);
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains(OPT_IN), "{}", text(&output));
+    assert_nothing_left(&coved, "vm2");
+
+    let output = coved.lxc(&["launch", "busybox", "vm3", "--vm"]);
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains(OPT_IN), "{}", text(&output));
+    assert_nothing_left(&coved, "vm3");
+
+    // Refused before its disk: the image's VM disk was never built.
+    let images = coved.directory.join("images");
+    let built: Vec<_> = std::fs::read_dir(&images)
+        .expect("read images")
+        .flatten()
+        .filter(|entry| entry.path().join("vm.ext4").exists())
+        .collect();
+    assert!(built.is_empty(), "no VM disk was built");
+}
+
+/// Waits for the operation an async answer names, up to `timeout`; returns it.
+fn wait_long(
+    coved: &Coved,
+    response: &cove_tests::coved::HttpResponse,
+    timeout: Duration,
+) -> Value {
+    let body = response.json();
+    assert_eq!(response.status, 202, "expected an operation: {body}");
+    let operation = body["operation"]
+        .as_str()
+        .expect("an operation")
+        .to_string();
+    coved.get(&format!("{operation}/wait?timeout={}", timeout.as_secs()))
+}
+
+fn state(coved: &Coved, name: &str) -> Value {
+    coved.get(&format!("/1.0/instances/{name}/state"))
+}
+
+/// The whole life of one VM from `alias`, on one boot: launch, exec, files, state, console,
+/// coved killed and restarted under it, clean stop, delete. `shutdown_line` is what the
+/// image's init prints when it is stopped cleanly.
+fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
+    let name = "vm1";
+    let response = coved.request(
+        "POST",
+        "/1.0/instances",
+        Some(json!({
+            "name": name, "type": "virtual-machine", "start": true,
+            "source": {"type": "image", "alias": alias},
+            "config": {OPT_IN: "true", "limits.cpu": "2", "limits.memory": "512MiB"},
+        })),
+    );
+    let launched = wait_long(coved, &response, BOOT_TIMEOUT);
+    assert_eq!(
+        launched["status"],
+        "Success",
+        "launch: {launched}\n{}",
+        coved.log()
+    );
+    let instance = coved.get(&format!("/1.0/instances/{name}"));
+    assert_eq!(instance["type"], "virtual-machine");
+    assert_eq!(instance["status"], "Running");
+    let disk = machines_directory(coved).join(name).join("root.img");
+    assert!(disk.is_file(), "the VM's own disk {}", disk.display());
+
+    // The guest runs the project kernel, and exit codes come back.
+    let (code, stdout, stderr) = coved.exec(name, &["uname", "-r"], b"");
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), kernel_release(kernel()));
+    let (code, _, _) = coved.exec(name, &["sh", "-c", "exit 7"], b"");
+    assert_eq!(code, 7);
+    let (code, stdout, _) = coved.exec(name, &["cat"], b"through stdin\n");
+    assert_eq!((code, stdout.as_str()), (0, "through stdin\n"));
+
+    // Files go in and come back with their mode.
+    let content: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let pushed = http(
+        &coved.socket(),
+        "POST",
+        &format!("/1.0/instances/{name}/files?path=/root/pushed"),
+        &[
+            ("X-LXD-uid", "0"),
+            ("X-LXD-gid", "0"),
+            ("X-LXD-mode", "0640"),
+        ],
+        &content,
+    );
+    assert_eq!(pushed.status, 200, "{}", pushed.json());
+    let pulled = http(
+        &coved.socket(),
+        "GET",
+        &format!("/1.0/instances/{name}/files?path=/root/pushed"),
+        &[],
+        b"",
+    );
+    assert_eq!(pulled.status, 200);
+    assert_eq!(pulled.header("x-lxd-mode"), Some("0640"));
+    assert!(
+        pulled.body == content,
+        "the pulled bytes are the pushed ones"
+    );
+    let (code, stdout, _) = coved.exec(name, &["wc", "-c", "/root/pushed"], b"");
+    assert_eq!(code, 0);
+    assert!(stdout.trim().starts_with("20000"), "{stdout}");
+    let removed = http(
+        &coved.socket(),
+        "DELETE",
+        &format!("/1.0/instances/{name}/files?path=/root/pushed"),
+        &[],
+        b"",
+    );
+    assert_eq!(removed.status, 200, "{}", removed.json());
+    let gone = http(
+        &coved.socket(),
+        "GET",
+        &format!("/1.0/instances/{name}/files?path=/root/pushed"),
+        &[],
+        b"",
+    );
+    assert_eq!(gone.status, 404);
+
+    // State: running, with the guest's memory in use and its processes.
+    let running = state(coved, name);
+    assert_eq!(running["status"], "Running", "{running}");
+    assert!(
+        running["memory"]["usage"].as_i64().unwrap_or(0) > 0,
+        "{running}"
+    );
+    assert!(running["processes"].as_i64().unwrap_or(0) > 0, "{running}");
+    let vmm_pid = running["pid"].as_i64().expect("cove-vmm's pid");
+    assert!(vmm_pid > 0);
+
+    // The serial console's log has the kernel's boot lines, through the API and lxc.
+    let console = http(
+        &coved.socket(),
+        "GET",
+        &format!("/1.0/instances/{name}/console"),
+        &[],
+        b"",
+    );
+    let log = String::from_utf8_lossy(&console.body).into_owned();
+    assert!(log.contains("Linux version"), "{log}");
+    let shown = coved.lxc_ok(&["console", name, "--show-log"]);
+    assert!(shown.contains("Linux version"), "{shown}");
+
+    // coved dies; the VM does not, and the next coved finds it.
+    coved.kill();
+    assert!(
+        Path::new(&format!("/proc/{vmm_pid}")).exists(),
+        "cove-vmm outlives coved"
+    );
+    coved.restart();
+    let found = state(coved, name);
+    assert_eq!(found["status"], "Running", "{found}");
+    assert_eq!(found["pid"].as_i64(), Some(vmm_pid), "the same cove-vmm");
+    let (code, stdout, _) = coved.exec(name, &["echo", "still here"], b"");
+    assert_eq!((code, stdout.trim()), (0, "still here"));
+
+    // A clean stop: the guest's init shuts down, then cove-vmm ends.
+    let response = coved.request(
+        "PUT",
+        &format!("/1.0/instances/{name}/state"),
+        Some(json!({"action": "stop", "timeout": 600})),
+    );
+    let stopped = wait_long(coved, &response, BOOT_TIMEOUT);
+    assert_eq!(stopped["status"], "Success", "stop: {stopped}");
+    assert_eq!(coved.status(name), "Stopped");
+    assert!(vmm_processes(coved).is_empty(), "cove-vmm ended");
+    if let Some(line) = shutdown_line {
+        let console = http(
+            &coved.socket(),
+            "GET",
+            &format!("/1.0/instances/{name}/console"),
+            &[],
+            b"",
+        );
+        let log = String::from_utf8_lossy(&console.body).into_owned();
+        assert!(
+            log.contains(line),
+            "the guest's init shut down cleanly:\n{log}"
+        );
+    }
+
+    let response = coved.request("DELETE", &format!("/1.0/instances/{name}"), None);
+    let deleted = wait_long(coved, &response, Duration::from_secs(120));
+    assert_eq!(deleted["status"], "Success", "delete: {deleted}");
+    assert_nothing_left(coved, name);
+}
+
+#[test]
+fn a_busybox_vm_launches_execs_keeps_files_survives_coved_and_stops_cleanly() {
+    require_kvm();
+    let mut coved = start_coved("vm-busybox");
+    import_busybox(&coved);
+    vm_story(
+        &mut coved,
+        "busybox",
+        Some("cove-test-image: shutting down"),
+    );
+}
+
+#[test]
+fn a_debian_vm_boots_systemd_and_runs_the_same_story() {
+    require_kvm();
+    if host_is_kvm_pvm() {
+        eprintln!(
+            "NOT RUNNABLE on kvm-pvm: booting systemd from the Debian image as a VM needs \
+             hardware virtualisation (the busybox story runs here instead)"
+        );
+        return;
+    }
+    let mut coved = start_coved("vm-debian");
+    let scratch = scratch_dir("coved-vm-debian-image");
+    let tarball = debian_tarball(&scratch);
+    coved.import_image(&tarball, "debian");
+    let _ = std::fs::remove_dir_all(&scratch);
+    vm_story(&mut coved, "debian", None);
+}
