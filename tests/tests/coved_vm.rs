@@ -9,6 +9,7 @@
 //! runs once, on one boot. The same story with the Debian image (systemd) needs hardware
 //! virtualisation and says NOT RUNNABLE elsewhere.
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -324,6 +325,8 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
     );
     assert_eq!(gone.status, 404);
 
+    console_reaches_the_guest(coved, name);
+
     // State: running, with the guest's memory in use and its processes.
     let running = state(coved, name);
     assert_eq!(running["status"], "Running", "{running}");
@@ -390,6 +393,80 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
     let deleted = wait_long(coved, &response, Duration::from_secs(120));
     assert_eq!(deleted["status"], "Success", "delete: {deleted}");
     assert_nothing_left(coved, name);
+}
+
+type Socket = tungstenite::WebSocket<UnixStream>;
+
+/// `POST /console` and its two websockets, as `lxc console` opens them.
+fn attach_console(coved: &Coved, name: &str) -> (Socket, Socket) {
+    let response = coved.request(
+        "POST",
+        &format!("/1.0/instances/{name}/console"),
+        Some(json!({"type": "console", "width": 80, "height": 24})),
+    );
+    let body = response.json();
+    assert_eq!(response.status, 202, "console: {body}");
+    let operation = body["operation"]
+        .as_str()
+        .expect("an operation")
+        .to_string();
+    let fds = body["metadata"]["metadata"]["fds"].clone();
+    let connect = |fd: &str| {
+        let secret = fds[fd].as_str().expect("a secret for every fd");
+        let stream = UnixStream::connect(coved.socket()).expect("connect for a websocket");
+        let url = format!("ws://cove{operation}/websocket?secret={secret}");
+        let socket = tungstenite::client::client(url.as_str(), stream)
+            .unwrap_or_else(|error| panic!("websocket {fd}: {error}"))
+            .0;
+        socket
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("a read timeout");
+        socket
+    };
+    (connect("0"), connect("control"))
+}
+
+/// What is typed on the console reaches the guest's serial port (a reader of /dev/ttyS0 in the
+/// guest gets the line), and what the guest writes there (the terminal's echo) comes back.
+fn console_reaches_the_guest(coved: &Coved, name: &str) {
+    let line = "cove-console-check";
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| coved.exec(name, &["head", "-n", "1", "/dev/ttyS0"], b""));
+        let (mut console, mut control) = attach_console(coved, name);
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !reader.is_finished() && std::time::Instant::now() < deadline {
+            console
+                .send(tungstenite::Message::Binary(
+                    format!("{line}\n").into_bytes().into(),
+                ))
+                .expect("type on the console");
+            let until = std::time::Instant::now() + Duration::from_secs(2);
+            while std::time::Instant::now() < until {
+                if let Ok(tungstenite::Message::Binary(bytes)) = console.read() {
+                    seen.extend_from_slice(&bytes);
+                }
+            }
+        }
+        let (code, stdout, stderr) = reader.join().expect("the reader");
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(stdout.trim(), line, "the guest read the typed line");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(&seen).contains(line) && std::time::Instant::now() < deadline
+        {
+            if let Ok(tungstenite::Message::Binary(bytes)) = console.read() {
+                seen.extend_from_slice(&bytes);
+            }
+        }
+        assert!(
+            String::from_utf8_lossy(&seen).contains(line),
+            "the guest's echo came back: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        let _ = console.close(None);
+        let _ = control.close(None);
+    });
 }
 
 #[test]

@@ -152,6 +152,11 @@ impl VmRuntime {
         self.run_entry(name).join("control.sock")
     }
 
+    /// cove-vmm's serial input socket: what a client writes there is typed into the console.
+    pub fn console_input(&self, name: &str) -> PathBuf {
+        self.run_entry(name).join("console.sock")
+    }
+
     /// The serial console's log; it stays after the VM stopped, until the next start.
     pub fn console_path(&self, name: &str) -> PathBuf {
         self.run_entry(name).join("console.log")
@@ -205,7 +210,7 @@ impl VmRuntime {
     /// Removes what a VM's run leaves (its record, sockets and tap), keeping the console log.
     fn clear_run(&self, name: &str) {
         let entry = self.run_entry(name);
-        for file in ["vmm.json", "vsock.sock", "control.sock"] {
+        for file in ["vmm.json", "vsock.sock", "control.sock", "console.sock"] {
             let _ = std::fs::remove_file(entry.join(file));
         }
         let _ = std::fs::remove_file(client::announce_path(
@@ -254,6 +259,8 @@ impl VmRuntime {
             ))
             .arg("--serial")
             .arg(format!("file={}", self.console_path(name).display()))
+            .arg("--serial-input")
+            .arg(self.console_input(name))
             .arg("--api-socket")
             .arg(self.control_socket(name))
             .arg("--cmdline")

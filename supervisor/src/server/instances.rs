@@ -713,7 +713,15 @@ async fn clear_console(State(daemon): State<Arc<Daemon>>, Path(name): Path<Strin
     ok()
 }
 
-async fn console_attach(Path(name): Path<String>) -> ApiResult {
+async fn console_attach(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult {
+    record(&daemon, &name)?;
+    if daemon.runtime.is_virtual_machine(&name) {
+        return super::vm_console::attach(daemon, name, body).await;
+    }
     Err(ApiError::bad_request(format!(
         "attaching to the console of \"{name}\" is not supported yet: read its log with GET \
          /1.0/instances/{name}/console (lxc console {name} --show-log)"

@@ -12,6 +12,7 @@ mod instances;
 mod operations;
 mod resources;
 mod virtual_machines;
+mod vm_console;
 mod vm_files;
 
 use std::collections::HashMap;
