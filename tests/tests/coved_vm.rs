@@ -15,6 +15,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use cove_tests::container::{in_private_network, ip, BRIDGE};
 use cove_tests::coved::{
     busybox_unified_tarball, debian_tarball, http, processes_mentioning, Coved,
 };
@@ -152,12 +153,32 @@ fn import_busybox(coved: &Coved) {
 #[test]
 fn a_vm_on_kvm_pvm_is_refused_without_the_opt_in_key_and_nothing_is_left() {
     require_kvm();
+    let coved = start_coved("vm-refused");
+    import_busybox(&coved);
+
+    // More memory than the host has: refused with both figures, on any host.
+    let response = coved.request(
+        "POST",
+        "/1.0/instances",
+        Some(json!({
+            "name": "big", "type": "virtual-machine",
+            "source": {"type": "image", "alias": "busybox"},
+            "config": {OPT_IN: "true", "limits.memory": "64TiB"},
+        })),
+    );
+    let body = response.json();
+    assert_eq!(response.status, 400, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("limits.memory 64TiB") && message.contains("host's memory"),
+        "{message}"
+    );
+    assert_nothing_left(&coved, "big");
+
     if !host_is_kvm_pvm() {
         eprintln!("NOT RUNNABLE: this host has hardware virtualisation, where VMs need no opt-in");
         return;
     }
-    let coved = start_coved("vm-refused");
-    import_busybox(&coved);
 
     let response = coved.request(
         "POST",
@@ -497,4 +518,94 @@ fn a_debian_vm_boots_systemd_and_runs_the_same_story() {
     coved.import_image(&tarball, "debian");
     let _ = std::fs::remove_dir_all(&scratch);
     vm_story(&mut coved, "debian", None);
+}
+
+#[test]
+fn a_vm_nic_is_a_tap_on_its_bridge_and_a_failed_start_leaves_nothing() {
+    require_kvm();
+    in_private_network(|| {
+        let coved = start_coved("vm-network");
+        import_busybox(&coved);
+
+        // A start that fails (no such bridge) takes the whole new instance with it.
+        let response = coved.request(
+            "POST",
+            "/1.0/instances",
+            Some(json!({
+                "name": "lost", "type": "virtual-machine", "start": true,
+                "source": {"type": "image", "alias": "busybox"},
+                "config": {OPT_IN: "true"},
+                "devices": {"eth0": {"type": "nic", "nictype": "bridged", "parent": "nosuchbr0"}},
+            })),
+        );
+        let failed = wait_long(&coved, &response, BOOT_TIMEOUT);
+        assert_eq!(failed["status"], "Failure", "{failed}");
+        assert!(
+            failed["err"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("nosuchbr0"),
+            "{failed}"
+        );
+        assert_nothing_left(&coved, "lost");
+        assert!(!ip(&["-o", "link"]).contains("covevm"), "no tap remains");
+
+        let name = "net1";
+        let response = coved.request(
+            "POST",
+            "/1.0/instances",
+            Some(json!({
+                "name": name, "type": "virtual-machine", "start": true,
+                "source": {"type": "image", "alias": "busybox"},
+                "config": {OPT_IN: "true", "limits.memory": "256MiB"},
+                "devices": {"eth0": {
+                    "type": "nic", "nictype": "bridged", "parent": BRIDGE,
+                    "hwaddr": "00:16:3e:12:34:56",
+                }},
+            })),
+        );
+        let launched = wait_long(&coved, &response, BOOT_TIMEOUT);
+        assert_eq!(launched["status"], "Success", "{launched}\n{}", coved.log());
+        let on_bridge = ip(&["-o", "link", "show", "master", BRIDGE]);
+        assert!(
+            on_bridge.contains("covevm"),
+            "the VM's tap is on the bridge: {on_bridge}"
+        );
+
+        let (code, stdout, stderr) = coved.exec(
+            name,
+            &[
+                "sh",
+                "-c",
+                "cat /sys/class/net/eth0/address && ip link set eth0 up && \
+                 ip addr add 192.0.2.2/24 dev eth0 && ping -c 1 -W 10 192.0.2.1 >/dev/null && \
+                 echo reached",
+            ],
+            b"",
+        );
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        assert!(stdout.starts_with("00:16:3e:12:34:56"), "{stdout}");
+        assert!(
+            stdout.contains("reached"),
+            "the guest reaches the bridge: {stdout}"
+        );
+        let running = state(&coved, name);
+        let eth0 = running["network"]["eth0"]["addresses"].to_string();
+        assert!(
+            eth0.contains("192.0.2.2"),
+            "state shows eth0's address: {running}"
+        );
+
+        let response = coved.request(
+            "PUT",
+            &format!("/1.0/instances/{name}/state"),
+            Some(json!({"action": "stop", "force": true})),
+        );
+        let stopped = wait_long(&coved, &response, Duration::from_secs(120));
+        assert_eq!(stopped["status"], "Success", "{stopped}");
+        assert!(
+            !ip(&["-o", "link"]).contains("covevm"),
+            "the tap went with the VM"
+        );
+    });
 }

@@ -274,8 +274,17 @@ impl VmRuntime {
         command
     }
 
-    /// Starts cove-vmm for a VM whose disk is ready, and waits for its agent.
+    /// Starts the VM; a failure leaves no process, tap or socket behind (the console log
+    /// stays, to say what happened).
     fn boot(&self, spec: &LaunchSpec) -> Result<(), RuntimeError> {
+        self.try_boot(spec).inspect_err(|_| {
+            self.kill(&spec.name);
+            self.clear_run(&spec.name);
+        })
+    }
+
+    /// Starts cove-vmm (making the VM's disk first if needed), and waits for its agent.
+    fn try_boot(&self, spec: &LaunchSpec) -> Result<(), RuntimeError> {
         let name = &spec.name;
         let (vmm, _) = self.check_tools()?;
         let shape = vm_launch::admit(&spec.keys).map_err(failed)?;
@@ -319,27 +328,26 @@ impl VmRuntime {
             .and_then(|bytes| {
                 std::fs::write(self.record_path(name), bytes).map_err(io("record cove-vmm's pid"))
             });
+        let ready = written.and_then(|()| {
+            self.wait_for_agent(name, &listener).map_err(|reason| {
+                RuntimeError::Failed(format!(
+                    "the VM \"{name}\" did not start: {reason}\ncove-vmm: {}\nconsole: {}",
+                    tail(&log_path, 5),
+                    tail(&self.console_path(name), 10)
+                ))
+            })
+        });
+        if ready.is_err() {
+            // Not reaped yet, so the pid is still this child's, record or not.
+            let _ = child.kill();
+            let _ = child.wait();
+            return ready;
+        }
         // coved reaps its own child; after a restart of coved, init does.
         std::thread::spawn(move || {
             let _ = child.wait();
         });
-        if let Err(error) = written {
-            self.kill(name);
-            self.clear_run(name);
-            return Err(error);
-        }
-        match self.wait_for_agent(name, &listener) {
-            Ok(()) => Ok(()),
-            Err(reason) => {
-                self.kill(name);
-                self.clear_run(name);
-                Err(RuntimeError::Failed(format!(
-                    "the VM \"{name}\" did not start: {reason}\ncove-vmm: {}\nconsole: {}",
-                    tail(&log_path, 5),
-                    tail(&self.console_path(name), 10)
-                )))
-            }
-        }
+        Ok(())
     }
 
     fn wait_for_agent(&self, name: &str, listener: &UnixListener) -> Result<(), String> {

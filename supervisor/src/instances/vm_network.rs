@@ -53,17 +53,26 @@ fn ip(arguments: &[&str], what: &str) -> Result<(), NetworkError> {
     })
 }
 
+/// Asks the kernel (not sysfs, which shows the network namespace it was mounted in) whether a
+/// bridge of that name exists in coved's network namespace.
+fn is_bridge(name: &str) -> bool {
+    Command::new("ip")
+        .args(["-o", "-d", "link", "show", "dev", name])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|output| {
+            output.status.success() && String::from_utf8_lossy(&output.stdout).contains(" bridge ")
+        })
+}
+
 /// Makes the VM's tap on its nic's bridge; returns the tap's name and the nic's MAC.
 pub fn create_tap(
     instance: &str,
     nic: &BTreeMap<String, String>,
 ) -> Result<(String, String), NetworkError> {
     let bridge = bridge_for_nic(nic).ok_or(NetworkError::NoBridge)?;
-    if !std::path::Path::new("/sys/class/net")
-        .join(&bridge)
-        .join("bridge")
-        .is_dir()
-    {
+    if !is_bridge(&bridge) {
         return Err(NetworkError::MissingBridge(bridge));
     }
     let tap = tap_name(instance);
@@ -87,7 +96,14 @@ pub fn create_tap(
 /// Removes the VM's tap, if there is one.
 pub fn remove_tap(instance: &str) {
     let tap = tap_name(instance);
-    if std::path::Path::new("/sys/class/net").join(&tap).exists() {
+    let exists = Command::new("ip")
+        .args(["-o", "link", "show", "dev", &tap])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if exists {
         let _ = ip(&["link", "delete", "dev", &tap], "remove the tap");
     }
 }
