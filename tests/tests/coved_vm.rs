@@ -348,6 +348,33 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
 
     console_reaches_the_guest(coved, name);
 
+    // Debian's lxc on the VM.
+    let listed = coved.lxc_ok(&["list", name, "--format", "csv", "-c", "nt"]);
+    assert_eq!(listed.trim(), format!("{name},VIRTUAL-MACHINE"));
+    let info = coved.lxc_ok(&["info", name]);
+    assert!(info.contains("Status: RUNNING"), "{info}");
+    let released = coved.lxc_ok(&["exec", name, "--", "uname", "-r"]);
+    assert_eq!(released.trim(), kernel_release(kernel()));
+    let scratch = scratch_dir("coved-vm-lxc-files");
+    std::fs::write(scratch.join("sent"), "through lxc\n").expect("write a local file");
+    coved.lxc_ok(&[
+        "file",
+        "push",
+        &path(&scratch.join("sent")),
+        &format!("{name}/root/sent"),
+    ]);
+    coved.lxc_ok(&[
+        "file",
+        "pull",
+        &format!("{name}/root/sent"),
+        &path(&scratch.join("back")),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(scratch.join("back")).expect("the pulled file"),
+        "through lxc\n"
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+
     // State: running, with the guest's memory in use and its processes.
     let running = state(coved, name);
     assert_eq!(running["status"], "Running", "{running}");
