@@ -636,3 +636,30 @@ fn a_vm_nic_is_a_tap_on_its_bridge_and_a_failed_start_leaves_nothing() {
         );
     });
 }
+
+#[test]
+fn pylxd_drives_a_vm() {
+    require_kvm();
+    let coved = start_coved("vm-pylxd");
+    let scratch = scratch_dir("vm-pylxd-image");
+    let tarball = busybox_unified_tarball(&scratch);
+    let script = cove_tests::repository().join("tests/pylxd/test_coved_vm.py");
+    let mut command = Command::new(cove_tests::repository().join("tests/pylxd/run"));
+    command
+        .arg(&script)
+        .arg(&tarball)
+        .arg(if host_is_kvm_pvm() { "1" } else { "0" })
+        .env("LXD_DIR", &coved.directory)
+        .stdin(Stdio::null());
+    let output = cove_tests::container_monitor::run_with_timeout(command, BOOT_TIMEOUT);
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(
+        output.status.success(),
+        "the pylxd VM test failed ({}):\n{}\ncoved's log:\n{}",
+        output.status,
+        text(&output),
+        coved.log()
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("pylxd vm: all passed"));
+    assert_nothing_left(&coved, "pyvm");
+}
