@@ -270,9 +270,7 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
             Power::Stopped
         },
     };
-    if virtual_machine {
-        super::virtual_machines::reserve(&daemon, &request.name)?;
-    }
+    super::virtual_machines::claim_name(&daemon, &request.name, virtual_machine)?;
     daemon
         .store
         .create_instance(&record)

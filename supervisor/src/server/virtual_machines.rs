@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::ApiError;
 use crate::api::types::Device;
 use crate::daemon::{blocking, instance_url, Daemon};
+use crate::instances::runtime::Runtime;
 use crate::instances::vm::VmRuntime;
 use crate::instances::vm_launch;
 
@@ -38,11 +39,21 @@ pub fn admit(
     Ok(())
 }
 
-/// Makes the VM's directory, before its row is committed.
-pub fn reserve(daemon: &Daemon, name: &str) -> Result<(), ApiError> {
-    machines(daemon)?
-        .reserve(name)
-        .map_err(|error| ApiError::new(500, error.to_string()))
+/// Before a new instance's row is committed: a VM gets its directory (from then on the
+/// runtimes know `name` for a VM); a container's name is cleared of a VM directory that a
+/// crash left without a row, which would otherwise make it look like a VM.
+pub fn claim_name(daemon: &Daemon, name: &str, virtual_machine: bool) -> Result<(), ApiError> {
+    let internal =
+        |error: crate::instances::runtime::RuntimeError| ApiError::new(500, error.to_string());
+    if virtual_machine {
+        return machines(daemon)?.reserve(name).map_err(internal);
+    }
+    if daemon.runtime.is_virtual_machine(name) {
+        if let Some(machines) = daemon.runtime.virtual_machines() {
+            machines.delete(name).map_err(internal)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes a VM's files and row (the creation failed).

@@ -1,14 +1,18 @@
 //! `/1.0/instances/<name>/files` for virtual machines: the same requests and `X-LXD-*` headers
 //! as for containers, carried out by the guest's cove-agent (push, pull; a delete is an exec
 //! of `rm` or `rmdir` in the guest), since a VM's files are inside its disk, not on the host.
+//! A push streams the upload to the agent as it arrives; a pull is held in memory (up to the
+//! upload limit, since the guest decides its size) before it is answered.
 
+use std::io::{Read, Write};
 use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use cove_agent::client::{Attributes, Client, ClientError};
 use cove_agent::protocol::{ErrorCode, ExecRequest, FileInfo, FileKind};
+use futures_util::StreamExt;
 
 use super::{ok, sync, ApiError, ApiResult, Query};
 use crate::daemon::{blocking, Daemon};
@@ -95,11 +99,15 @@ fn octet_stream(response: &mut Response) {
 pub async fn pull(daemon: Arc<Daemon>, name: String, query: Query) -> ApiResult {
     let path = guest_path(&query)?;
     let agent = agent(&daemon, &name)?;
+    let limit = daemon.settings.max_image_size;
     let (info, content) = blocking(move || {
-        let mut content = Vec::new();
+        let mut content = Limited {
+            content: Vec::new(),
+            limit,
+        };
         agent
             .pull(&path, &mut content)
-            .map(|info| (info, content))
+            .map(|info| (info, content.content))
             .map_err(|error| agent_error(&path, error))
     })
     .await??;
@@ -175,55 +183,164 @@ pub async fn push(
             "invalid x-lxd-type \"{kind}\": use file, directory or symlink"
         )));
     }
-    let limit = usize::try_from(daemon.settings.max_image_size).unwrap_or(usize::MAX);
-    let content = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            413,
-            format!("the file is larger than the {limit} bytes coved accepts"),
-        )
-    })?;
+    let limit = daemon.settings.max_image_size;
     let agent = agent(&daemon, &name)?;
-    blocking(move || -> Result<(), ApiError> {
-        let failed = |error| agent_error(&path, error);
-        match kind.as_str() {
-            "directory" => agent
-                .push_directory(
-                    &path,
-                    Attributes {
-                        mode: mode.unwrap_or(0o755),
-                        uid,
-                        gid,
-                    },
-                )
-                .map_err(failed),
-            "symlink" => {
-                let target = String::from_utf8_lossy(&content).into_owned();
-                agent.push_symlink(&path, &target, uid, gid).map_err(failed)
+    if kind != "file" {
+        // A directory has no content; a symlink's is its target.
+        let content = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .map_err(|_| ApiError::new(413, "a symlink target is at most 64 KiB"))?;
+        let owner = (uid, gid);
+        return blocking(move || push_other(&agent, &path, &kind, &content, owner, mode))
+            .await?
+            .and_then(|()| ok());
+    }
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let attributes = Attributes {
+        mode: mode.unwrap_or(0o644),
+        uid,
+        gid,
+    };
+    // Started now, so it reads the upload while it arrives.
+    let pushing = tokio::task::spawn_blocking(move || {
+        push_file(&agent, &path, attributes, append, limit, receiver)
+    });
+    let mut stream = body.into_data_stream();
+    let mut received: u64 = 0;
+    let mut refusal = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(error) => {
+                let message = format!("the upload broke off: {error}");
+                let _ = sender
+                    .send(Err(std::io::Error::other(message.clone())))
+                    .await;
+                refusal = Some(ApiError::bad_request(message));
+                break;
             }
-            _ => {
-                let mut whole = Vec::new();
-                if append {
-                    match agent.pull(&path, &mut whole) {
-                        Ok(_) => {}
-                        Err(error) if error.agent_code() == Some(ErrorCode::NotFound) => {}
-                        Err(error) => return Err(failed(error)),
-                    }
-                }
-                whole.extend_from_slice(&content);
-                let attributes = Attributes {
-                    mode: mode.unwrap_or(0o644),
-                    uid,
-                    gid,
-                };
-                agent
-                    .push_file(&path, attributes, &mut whole.as_slice())
-                    .map(drop)
-                    .map_err(failed)
+        };
+        received += chunk.len() as u64;
+        if received > limit {
+            let message = format!("the file is larger than the {limit} bytes coved accepts");
+            let _ = sender
+                .send(Err(std::io::Error::other(message.clone())))
+                .await;
+            super::drain(&mut stream).await;
+            refusal = Some(ApiError::new(413, message));
+            break;
+        }
+        if sender.send(Ok(chunk)).await.is_err() {
+            // The push failed already; its answer says why.
+            break;
+        }
+    }
+    drop(sender);
+    let pushed = pushing
+        .await
+        .map_err(|error| ApiError::new(500, format!("a background task failed: {error}")))?;
+    if let Some(refusal) = refusal {
+        return Err(refusal);
+    }
+    pushed?;
+    ok()
+}
+
+/// An upload's chunks, read in a blocking thread as they arrive.
+struct Upload {
+    chunks: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    current: Bytes,
+}
+
+impl Read for Upload {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => return Ok(0),
             }
         }
-    })
-    .await??;
-    ok()
+        let count = buffer.len().min(self.current.len());
+        buffer[..count].copy_from_slice(&self.current[..count]);
+        self.current = self.current.slice(count..);
+        Ok(count)
+    }
+}
+
+/// A pulled file's content, refused past `limit` bytes (the guest decides the size).
+struct Limited {
+    content: Vec<u8>,
+    limit: u64,
+}
+
+impl Write for Limited {
+    fn write(&mut self, buffer: &[u8]) -> std::io::Result<usize> {
+        if (self.content.len() + buffer.len()) as u64 > self.limit {
+            return Err(std::io::Error::other(format!(
+                "the file is larger than the {} bytes coved passes on",
+                self.limit
+            )));
+        }
+        self.content.extend_from_slice(buffer);
+        Ok(buffer.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn push_file(
+    agent: &Client,
+    path: &str,
+    attributes: Attributes,
+    append: bool,
+    limit: u64,
+    chunks: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> Result<(), ApiError> {
+    let failed = |error| agent_error(path, error);
+    let mut existing = Limited {
+        content: Vec::new(),
+        limit,
+    };
+    if append {
+        match agent.pull(path, &mut existing) {
+            Ok(_) => {}
+            Err(error) if error.agent_code() == Some(ErrorCode::NotFound) => {}
+            Err(error) => return Err(failed(error)),
+        }
+    }
+    let upload = Upload {
+        chunks,
+        current: Bytes::new(),
+    };
+    let mut source = existing.content.as_slice().chain(upload);
+    agent
+        .push_file(path, attributes, &mut source)
+        .map(drop)
+        .map_err(failed)
+}
+
+/// A directory or a symlink (whose target is `content`).
+fn push_other(
+    agent: &Client,
+    path: &str,
+    kind: &str,
+    content: &[u8],
+    (uid, gid): (u32, u32),
+    mode: Option<u32>,
+) -> Result<(), ApiError> {
+    let failed = |error| agent_error(path, error);
+    if kind == "directory" {
+        let attributes = Attributes {
+            mode: mode.unwrap_or(0o755),
+            uid,
+            gid,
+        };
+        return agent.push_directory(path, attributes).map_err(failed);
+    }
+    let target = String::from_utf8_lossy(content).into_owned();
+    agent.push_symlink(path, &target, uid, gid).map_err(failed)
 }
 
 pub async fn remove(daemon: Arc<Daemon>, name: String, query: Query) -> ApiResult {
