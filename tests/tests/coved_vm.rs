@@ -347,6 +347,7 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
     assert_eq!(gone.status, 404);
 
     console_reaches_the_guest(coved, name);
+    a_terminal_exec_gets_a_pty_of_its_size(coved, name);
 
     // Debian's lxc on the VM.
     let listed = coved.lxc_ok(&["list", name, "--format", "csv", "-c", "nt"]);
@@ -411,6 +412,26 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
     assert_eq!(found["pid"].as_i64(), Some(vmm_pid), "the same cove-vmm");
     let (code, stdout, _) = coved.exec(name, &["echo", "still here"], b"");
     assert_eq!((code, stdout.trim()), (0, "still here"));
+
+    // A restart boots the VM again: a new cove-vmm, a guest whose uptime starts over.
+    let response = coved.request(
+        "PUT",
+        &format!("/1.0/instances/{name}/state"),
+        Some(json!({"action": "restart", "timeout": 600})),
+    );
+    let restarted = wait_long(coved, &response, BOOT_TIMEOUT);
+    assert_eq!(restarted["status"], "Success", "restart: {restarted}");
+    let again = state(coved, name);
+    assert_eq!(again["status"], "Running", "{again}");
+    assert_ne!(again["pid"].as_i64(), Some(vmm_pid), "a new cove-vmm");
+    let (code, stdout, _) = coved.exec(name, &["cat", "/proc/uptime"], b"");
+    assert_eq!(code, 0);
+    let uptime: f64 = stdout
+        .split_whitespace()
+        .next()
+        .and_then(|seconds| seconds.parse().ok())
+        .expect("an uptime");
+    assert!(uptime < 600.0, "the guest booted again: up {uptime} s");
 
     // A clean stop: the guest's init shuts down, then cove-vmm ends.
     let response = coved.request(
@@ -515,6 +536,49 @@ fn console_reaches_the_guest(coved: &Coved, name: &str) {
         let _ = console.close(None);
         let _ = control.close(None);
     });
+}
+
+/// An interactive exec (`interactive: true`, as `lxc exec` on a terminal) runs on a pty in the
+/// guest, of the size the client gave, and its exit code comes back.
+fn a_terminal_exec_gets_a_pty_of_its_size(coved: &Coved, name: &str) {
+    let response = coved.request(
+        "POST",
+        &format!("/1.0/instances/{name}/exec"),
+        Some(json!({
+            "command": ["sh", "-c", "tty; stty size; exit 5"], "wait-for-websocket": true,
+            "interactive": true, "width": 100, "height": 30,
+        })),
+    );
+    let body = response.json();
+    assert_eq!(response.status, 202, "exec: {body}");
+    let operation = body["operation"]
+        .as_str()
+        .expect("an operation")
+        .to_string();
+    let fds = body["metadata"]["metadata"]["fds"].clone();
+    let connect = |fd: &str| {
+        let secret = fds[fd].as_str().expect("a secret for every fd");
+        let stream = UnixStream::connect(coved.socket()).expect("connect for a websocket");
+        let url = format!("ws://cove{operation}/websocket?secret={secret}");
+        tungstenite::client::client(url.as_str(), stream)
+            .unwrap_or_else(|error| panic!("websocket {fd}: {error}"))
+            .0
+    };
+    let mut terminal = connect("0");
+    let _control = connect("control");
+    let mut output = Vec::new();
+    while let Ok(message) = terminal.read() {
+        match message {
+            tungstenite::Message::Binary(bytes) => output.extend_from_slice(&bytes),
+            tungstenite::Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    let done = coved.get(&format!("{operation}/wait?timeout=120"));
+    assert_eq!(done["metadata"]["return"], 5, "{done}");
+    let output = String::from_utf8_lossy(&output).into_owned();
+    assert!(output.contains("/dev/pts/"), "a pty: {output:?}");
+    assert!(output.contains("30 100"), "its size: {output:?}");
 }
 
 #[test]
@@ -640,7 +704,10 @@ fn a_vm_nic_is_a_tap_on_its_bridge_and_a_failed_start_leaves_nothing() {
 #[test]
 fn pylxd_drives_a_vm() {
     require_kvm();
-    let coved = start_coved("vm-pylxd");
+    // coved finds cove-vmm, the static agent and the kernel by itself here (beside it, in its
+    // target directory, in the kernel cache); they only have to be built.
+    let _ = (cove_vmm(), cove_agent(), kernel());
+    let coved = Coved::start("vm-pylxd", &[]);
     let scratch = scratch_dir("vm-pylxd-image");
     let tarball = busybox_unified_tarball(&scratch);
     let script = cove_tests::repository().join("tests/pylxd/test_coved_vm.py");
