@@ -413,6 +413,20 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
     let (code, stdout, _) = coved.exec(name, &["echo", "still here"], b"");
     assert_eq!((code, stdout.trim()), (0, "still here"));
 
+    // Freeze pauses the vCPUs (the agent cannot answer meanwhile); unfreeze resumes them.
+    for (action, status) in [("freeze", "Frozen"), ("unfreeze", "Running")] {
+        let response = coved.request(
+            "PUT",
+            &format!("/1.0/instances/{name}/state"),
+            Some(json!({"action": action})),
+        );
+        let done = wait_long(coved, &response, Duration::from_secs(120));
+        assert_eq!(done["status"], "Success", "{action}: {done}");
+        assert_eq!(coved.status(name), status);
+    }
+    let (code, stdout, _) = coved.exec(name, &["echo", "thawed"], b"");
+    assert_eq!((code, stdout.trim()), (0, "thawed"));
+
     // A restart boots the VM again: a new cove-vmm, a guest whose uptime starts over.
     let response = coved.request(
         "PUT",

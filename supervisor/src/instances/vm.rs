@@ -152,6 +152,39 @@ impl VmRuntime {
         self.run_entry(name).join("control.sock")
     }
 
+    /// Present while coved has the VM paused (freeze).
+    fn paused_marker(&self, name: &str) -> PathBuf {
+        self.run_entry(name).join("paused")
+    }
+
+    /// `PUT /api/v1/<action>` on cove-vmm's API socket (`vm.pause`, `vm.resume`).
+    fn control(&self, name: &str, action: &str) -> Result<(), RuntimeError> {
+        use std::io::{Read, Write};
+        let socket = self.control_socket(name);
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket)
+            .map_err(io(format!("reach cove-vmm at {}", socket.display())))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io("set a timeout on cove-vmm's socket"))?;
+        let request = format!(
+            "PUT /api/v1/{action} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .map_err(io(format!("send {action} to cove-vmm")))?;
+        let mut answer = Vec::new();
+        let _ = stream.take(64 << 10).read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        let status = answer.split_whitespace().nth(1).unwrap_or_default();
+        match status {
+            "204" | "200" => Ok(()),
+            _ => Err(RuntimeError::Failed(format!(
+                "cove-vmm refused {action} for \"{name}\": {}",
+                answer.lines().last().unwrap_or_default()
+            ))),
+        }
+    }
+
     /// cove-vmm's serial input socket: what a client writes there is typed into the console.
     pub fn console_input(&self, name: &str) -> PathBuf {
         self.run_entry(name).join("console.sock")
@@ -210,7 +243,13 @@ impl VmRuntime {
     /// Removes what a VM's run leaves (its record, sockets and tap), keeping the console log.
     fn clear_run(&self, name: &str) {
         let entry = self.run_entry(name);
-        for file in ["vmm.json", "vsock.sock", "control.sock", "console.sock"] {
+        for file in [
+            "vmm.json",
+            "vsock.sock",
+            "control.sock",
+            "console.sock",
+            "paused",
+        ] {
             let _ = std::fs::remove_file(entry.join(file));
         }
         let _ = std::fs::remove_file(client::announce_path(
@@ -413,9 +452,14 @@ impl Runtime for VmRuntime {
         let Some(pid) = self.live_vmm(name) else {
             return RuntimeState::stopped();
         };
-        let guest = self.guest_state(name);
+        let status = self.status(name);
+        // A paused guest's agent cannot answer.
+        let guest = match status {
+            RuntimeStatus::Running => self.guest_state(name),
+            _ => None,
+        };
         RuntimeState {
-            status: RuntimeStatus::Running,
+            status,
             init_pid: Some(pid),
             memory_bytes: guest.as_ref().map(|state| state.memory.used_bytes),
             processes: guest.as_ref().map(|state| u64::from(state.processes)),
@@ -426,6 +470,7 @@ impl Runtime for VmRuntime {
 
     fn status(&self, name: &str) -> RuntimeStatus {
         match self.live_vmm(name) {
+            Some(_) if self.paused_marker(name).exists() => RuntimeStatus::Frozen,
             Some(_) => RuntimeStatus::Running,
             None => RuntimeStatus::Stopped,
         }
@@ -435,6 +480,11 @@ impl Runtime for VmRuntime {
         if self.live_vmm(name).is_none() {
             self.clear_run(name);
             return Ok(());
+        }
+        if self.paused_marker(name).exists() {
+            // A paused guest can neither shut down nor be asked to.
+            let _ = self.control(name, "vm.resume");
+            let _ = std::fs::remove_file(self.paused_marker(name));
         }
         if !timeout.is_zero() {
             // A reboot, not a power-off: the project kernel has no ACPI, so a power-off would
@@ -457,15 +507,21 @@ impl Runtime for VmRuntime {
     }
 
     fn freeze(&self, name: &str) -> Result<(), RuntimeError> {
-        Err(RuntimeError::Failed(format!(
-            "freezing the virtual machine \"{name}\" is not supported: stop it instead"
-        )))
+        if self.live_vmm(name).is_none() {
+            return Err(RuntimeError::NotRunning(name.to_string()));
+        }
+        self.control(name, "vm.pause")?;
+        std::fs::write(self.paused_marker(name), b"")
+            .map_err(io(format!("record that \"{name}\" is paused")))
     }
 
     fn unfreeze(&self, name: &str) -> Result<(), RuntimeError> {
-        Err(RuntimeError::Failed(format!(
-            "the virtual machine \"{name}\" cannot be frozen, so it cannot be unfrozen"
-        )))
+        if self.live_vmm(name).is_none() {
+            return Err(RuntimeError::NotRunning(name.to_string()));
+        }
+        self.control(name, "vm.resume")?;
+        let _ = std::fs::remove_file(self.paused_marker(name));
+        Ok(())
     }
 
     fn exec(&self, name: &str, spec: ExecSpec) -> Result<i32, RuntimeError> {
