@@ -390,12 +390,23 @@ impl VmRuntime {
     }
 
     fn wait_for_agent(&self, name: &str, listener: &UnixListener) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
         let deadline = Instant::now() + self.settings.ready_timeout;
         loop {
-            match client::wait_ready(listener, READY_POLL) {
-                Ok(_) => return Ok(()),
-                Err(client::ClientError::NotReady(_)) => {}
-                Err(error) => return Err(format!("the agent's announcement failed: {error}")),
+            let mut poll = libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd that outlives the call.
+            let ready = unsafe { libc::poll(&mut poll, 1, READY_POLL.as_millis() as i32) } > 0;
+            if ready {
+                // The announcement is on its way: read it with all the time that is left (a
+                // guest under emulation writes it slowly).
+                let left = deadline.saturating_duration_since(Instant::now());
+                return client::wait_ready(listener, left.max(READY_POLL))
+                    .map(drop)
+                    .map_err(|error| format!("the agent's announcement failed: {error}"));
             }
             if self.live_vmm(name).is_none() {
                 return Err("cove-vmm exited before the agent was ready".into());
