@@ -413,7 +413,11 @@ impl Daemon {
             name: name.to_string(),
             directory,
             rootfs,
-            keys: config::container_keys(&expanded),
+            keys: if record.kind == "virtual-machine" {
+                crate::instances::vm_launch::launch_keys(&expanded)
+            } else {
+                config::container_keys(&expanded)
+            },
             nic: config::nic_device(name, &devices),
             disks: self.disk_mounts(&devices)?,
         };

@@ -460,9 +460,12 @@ fn bad_requests_get_error_envelopes_and_change_nothing() {
         (
             "POST",
             "/1.0/instances",
-            Some(json!({"name": "ok", "type": "virtual-machine", "source": source})),
+            Some(json!({
+                "name": "ok", "type": "virtual-machine", "source": source,
+                "config": {"boot.allow_emulated_kvm": "true", "limits.cpu": "0-3"},
+            })),
             400,
-            "virtual machines",
+            "limits.cpu",
         ),
         (
             "PUT",

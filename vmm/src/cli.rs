@@ -15,8 +15,8 @@ cove-vmm: run one KVM virtual machine
 
 USAGE:
     cove-vmm --kernel PATH [--initramfs PATH] [--cmdline TEXT] [--cpus boot=N]
-             [--memory size=SIZE] [--serial tty|file=PATH|off] [--api-socket PATH]
-             [--disk path=FILE,...]... [--net tap=NAME|ip=ADDR,...]...
+             [--memory size=SIZE] [--serial tty|file=PATH|off] [--serial-input PATH]
+             [--api-socket PATH] [--disk path=FILE,...]... [--net tap=NAME|ip=ADDR,...]...
              [--vsock cid=N,socket=PATH] [--rng]
     cove-vmm --config FILE [flags that override the file]
 
@@ -39,6 +39,7 @@ FLAGS:
     --memory size=SIZE    guest memory (default 128M): bytes, or with a K, M, G or T suffix;
                           above 3 GiB the memory continues at 4 GiB, leaving the 32-bit MMIO hole
     --serial MODE         COM1 (IRQ 4): tty (stdout and stdin, the default), file=PATH, or off
+    --serial-input PATH   also type into COM1 what a client writes to this Unix socket
     --api-socket PATH     serve the HTTP API on this Unix socket:
                             GET /api/v1/vmm.ping       GET /api/v1/vm.info
                             PUT /api/v1/vm.pause       PUT /api/v1/vm.resume
@@ -146,6 +147,7 @@ struct Overrides {
     memory: Option<String>,
     serial: Option<String>,
     api_socket: Option<PathBuf>,
+    serial_input: Option<PathBuf>,
     seccomp: Option<String>,
     config: Option<PathBuf>,
     disks: Vec<DiskConfig>,
@@ -180,6 +182,7 @@ pub fn parse<I: IntoIterator<Item = String>>(arguments: I) -> Result<Command, Cl
             "--memory" => overrides.memory = Some(value()?),
             "--serial" => overrides.serial = Some(value()?),
             "--api-socket" => overrides.api_socket = Some(value()?.into()),
+            "--serial-input" => overrides.serial_input = Some(value()?.into()),
             "--seccomp" => overrides.seccomp = Some(value()?),
             "--config" => overrides.config = Some(value()?.into()),
             "--disk" => overrides
@@ -221,6 +224,7 @@ fn build(overrides: Overrides) -> Result<VmConfig, CliError> {
             memory: MemoryConfig::default(),
             serial: SerialConfig::default(),
             api_socket: None,
+            serial_input: None,
             seccomp: Default::default(),
             disks: Vec::new(),
             nets: Vec::new(),
@@ -263,6 +267,9 @@ fn build(overrides: Overrides) -> Result<VmConfig, CliError> {
     }
     if let Some(socket) = overrides.api_socket {
         config.api_socket = Some(socket);
+    }
+    if let Some(socket) = overrides.serial_input {
+        config.serial_input = Some(socket);
     }
     if let Some(mode) = overrides.seccomp {
         config.seccomp = mode
@@ -360,6 +367,8 @@ mod tests {
             "file=/tmp/out",
             "--api-socket",
             "/tmp/api.sock",
+            "--serial-input",
+            "/tmp/console.sock",
             "--cpu-features",
             "-avx,+cx16",
         ])
@@ -373,6 +382,10 @@ mod tests {
         assert_eq!(config.memory.size, MemorySize(2 << 30));
         assert_eq!(config.serial, SerialConfig::File("/tmp/out".into()));
         assert_eq!(config.api_socket, Some(PathBuf::from("/tmp/api.sock")));
+        assert_eq!(
+            config.serial_input,
+            Some(PathBuf::from("/tmp/console.sock"))
+        );
     }
 
     #[test]
@@ -389,6 +402,15 @@ mod tests {
             .contains("unknown option \"sockets\""));
         assert!(message(&["--kernel", "k", "--serial", "pty"])
             .contains("expected tty, off or file=PATH"));
+        assert!(message(&[
+            "--kernel",
+            "k",
+            "--serial",
+            "off",
+            "--serial-input",
+            "/tmp/in.sock"
+        ])
+        .contains("serial input socket needs a serial port"));
         assert!(message(&["--kernel", "k", "--bogus"]).contains("unknown argument \"--bogus\""));
         assert!(message(&["--kernel"]).contains("--kernel needs a value"));
         assert!(message(&["--kernel", "k", "--cpu-features", "avx"]).contains("write +NAME"));

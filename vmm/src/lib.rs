@@ -15,6 +15,7 @@ pub mod cpuid;
 pub mod http;
 pub mod loader;
 pub mod seccomp;
+pub mod serial_input;
 pub mod teardown;
 pub mod terminal;
 pub mod vcpu;

@@ -34,6 +34,7 @@ use crate::control::{ControlError, ExitReason, VmControl};
 use crate::cpuid::{self, HostKind};
 use crate::loader::{self, KernelImage, LoaderError};
 use crate::seccomp::{self, ThreadKind};
+use crate::serial_input::{SerialInput, SerialInputError};
 use crate::terminal::{self, RawTerminal};
 use crate::vcpu::{self, Vcpu};
 use crate::virtio::VirtioDevices;
@@ -67,6 +68,8 @@ pub enum VmError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error(transparent)]
+    SerialInput(#[from] SerialInputError),
     #[error("KVM refused to {what}")]
     Kvm {
         what: &'static str,
@@ -145,6 +148,7 @@ pub struct Vm {
     control: Arc<VmControl>,
     serial: Option<Arc<Mutex<SerialPort>>>,
     api: Option<ApiServer>,
+    serial_input: Option<SerialInput>,
     event_loop_filter: Option<seccompiler::BpfProgram>,
 }
 
@@ -202,6 +206,11 @@ impl Vm {
             .api_socket
             .as_deref()
             .map(ApiServer::bind)
+            .transpose()?;
+        let serial_input = config
+            .serial_input
+            .as_deref()
+            .map(SerialInput::bind)
             .transpose()?;
         let mut virtio = VirtioDevices::open(config)?;
         let cmdline = virtio.announce(&config.kernel.cmdline)?;
@@ -360,6 +369,7 @@ impl Vm {
             control,
             serial,
             api,
+            serial_input,
             event_loop_filter,
         })
     }
@@ -398,6 +408,7 @@ impl Vm {
                 .filter(|_| matches!(self.description.config.serial, SerialConfig::Tty))
                 .cloned(),
             api: self.api,
+            serial_input: self.serial_input.zip(self.serial.clone()),
         };
         let mut events =
             EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(|error| {
@@ -536,6 +547,7 @@ struct Controller {
     signals: File,
     stdin: Option<Arc<Mutex<SerialPort>>>,
     api: Option<ApiServer>,
+    serial_input: Option<(SerialInput, Arc<Mutex<SerialPort>>)>,
 }
 
 impl Controller {
@@ -568,6 +580,9 @@ impl MutEventSubscriber for Controller {
         if let Some(api) = &self.api {
             let _ = ops.add(readable(api.listener_fd()));
         }
+        if let Some((input, _)) = &self.serial_input {
+            let _ = ops.add(readable(input.listener_fd()));
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -580,6 +595,12 @@ impl MutEventSubscriber for Controller {
             }
         } else if fd == libc::STDIN_FILENO {
             self.forward_input(ops);
+        } else if let Some((input, serial)) = self
+            .serial_input
+            .as_mut()
+            .filter(|(input, _)| input.owns(fd))
+        {
+            input.handle(fd, ops, serial);
         } else if let Some(api) = self.api.as_mut().filter(|api| api.owns(fd)) {
             if api.handle(fd, ops, &self.handle) {
                 self.handle.control.request_exit(ExitReason::ApiShutdown);

@@ -5,14 +5,18 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cove_supervisor::daemon::{Daemon, Settings};
+use cove_supervisor::instances::dispatch::InstanceRuntimes;
 use cove_supervisor::instances::library::LibraryRuntime;
 use cove_supervisor::instances::runtime::Runtime;
+use cove_supervisor::instances::vm::{self, VmRuntime, VmSettings};
 
 const USAGE: &str = "usage: coved [--dir DIR] [--group GROUP] [--cgroup-parent NAME]
              [--max-image-size BYTES] [--runtime shim|library] [--shim PATH]
              [--default-network NAME|none]
+             [--vmm PATH] [--vm-agent PATH] [--vm-kernel PATH] [--vm-ready-timeout SECONDS]
 
   --dir DIR              state, images, containers and the socket (default: $COVE_DIR, else
                          /var/lib/cove)
@@ -24,13 +28,23 @@ const USAGE: &str = "usage: coved [--dir DIR] [--group GROUP] [--cgroup-parent N
   --runtime library      containers inside coved's process (development only: they die with it)
   --shim PATH            the cove-shim binary (default: beside coved, else on PATH)
   --default-network NAME the managed network made on the first start, which the default
-                         profile's eth0 joins (default: covebr0; none: no network)";
+                         profile's eth0 joins (default: covebr0; none: no network)
+  --vmm PATH             the cove-vmm binary for VMs (default: beside coved, else on PATH)
+  --vm-agent PATH        the static cove-agent put in every VM's disk (default: what
+                         guest-agent/build makes in coved's target directory)
+  --vm-kernel PATH       the guest kernel of every VM (default: the newest build of the host's
+                         flavour in ${COVE_CACHE_DIR:-/var/cache/cove}/kernel)
+  --vm-ready-timeout S   how long a VM's start waits for its agent (default: 600)";
 
 struct Options {
     settings: Settings,
     runtime: String,
     shim: Option<PathBuf>,
     default_network: Option<String>,
+    vmm: Option<PathBuf>,
+    vm_agent: Option<PathBuf>,
+    vm_kernel: Option<PathBuf>,
+    vm_ready_timeout: Duration,
 }
 
 fn parse(arguments: &[String]) -> Result<Options, String> {
@@ -45,6 +59,8 @@ fn parse(arguments: &[String]) -> Result<Options, String> {
     let mut runtime = "shim".to_string();
     let mut shim = None;
     let mut default_network = Some(cove_supervisor::networks::DEFAULT_NETWORK.to_string());
+    let (mut vmm, mut vm_agent, mut vm_kernel) = (None, None, None);
+    let mut vm_ready_timeout = Duration::from_secs(600);
     let mut iterator = arguments.iter();
     while let Some(argument) = iterator.next() {
         let mut value = || {
@@ -87,6 +103,20 @@ fn parse(arguments: &[String]) -> Result<Options, String> {
                     Some(name)
                 };
             }
+            "--vmm" => vmm = Some(PathBuf::from(value()?)),
+            "--vm-agent" => vm_agent = Some(PathBuf::from(value()?)),
+            "--vm-kernel" => vm_kernel = Some(PathBuf::from(value()?)),
+            "--vm-ready-timeout" => {
+                let text = value()?;
+                let seconds: u64 = text
+                    .parse()
+                    .ok()
+                    .filter(|seconds| *seconds > 0)
+                    .ok_or_else(|| {
+                        format!("invalid --vm-ready-timeout \"{text}\": give seconds")
+                    })?;
+                vm_ready_timeout = Duration::from_secs(seconds);
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument \"{other}\"")),
         }
@@ -101,6 +131,10 @@ fn parse(arguments: &[String]) -> Result<Options, String> {
         runtime,
         shim,
         default_network,
+        vmm,
+        vm_agent,
+        vm_kernel,
+        vm_ready_timeout,
     })
 }
 
@@ -110,16 +144,30 @@ fn make_runtime(options: &Options) -> Result<Arc<dyn Runtime>, String> {
         containers_directory: options.settings.containers(),
         cgroup_parent: options.settings.cgroup_parent.clone(),
     };
-    match options.runtime.as_str() {
-        "library" => Ok(Arc::new(LibraryRuntime::new(host))),
+    let containers = match options.runtime.as_str() {
+        "library" => Arc::new(LibraryRuntime::new(host)) as Arc<dyn Runtime>,
         _ => cove_supervisor::instances::shim::ShimRuntime::new(
             host,
             options.settings.run(),
             options.shim.clone(),
         )
         .map(|runtime| Arc::new(runtime) as Arc<dyn Runtime>)
-        .map_err(|error| error.to_string()),
-    }
+        .map_err(|error| error.to_string())?,
+    };
+    let machines = VmRuntime::new(VmSettings {
+        cove_directory: options.settings.directory.clone(),
+        vmm: options
+            .vmm
+            .clone()
+            .or_else(|| vm::find_beside_or_on_path("cove-vmm")),
+        agent: options.vm_agent.clone().or_else(vm::find_static_agent),
+        kernel: options.vm_kernel.clone(),
+        ready_timeout: options.vm_ready_timeout,
+    });
+    Ok(Arc::new(InstanceRuntimes::new(
+        containers,
+        Arc::new(machines),
+    )))
 }
 
 async fn shutdown_signal() {

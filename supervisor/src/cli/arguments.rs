@@ -15,8 +15,8 @@ pub const USAGE: &str = "usage: cove [--dir DIR] COMMAND [ARGUMENTS]
 Talks to coved over DIR/unix.socket (DIR: --dir, else $COVE_DIR, else /var/lib/cove).
 
 Instances:
-  launch IMAGE NAME [-c KEY=VALUE]... [-p PROFILE]... [-e|--ephemeral]
-  init IMAGE NAME [-c KEY=VALUE]... [-p PROFILE]... [-e|--ephemeral]   create, do not start
+  launch IMAGE NAME [-c KEY=VALUE]... [-p PROFILE]... [-e|--ephemeral] [--vm]
+  init IMAGE NAME [-c KEY=VALUE]... [-p PROFILE]... [-e|--ephemeral] [--vm]   create, do not start
   start NAME...
   stop NAME... [-f|--force] [--timeout SECONDS]
   restart NAME... [-f|--force] [--timeout SECONDS]
@@ -74,6 +74,8 @@ pub struct Create {
     pub profiles: Option<Vec<String>>,
     pub ephemeral: bool,
     pub start: bool,
+    /// `--vm`: a virtual machine instead of a container.
+    pub virtual_machine: bool,
 }
 
 /// Whether exec runs on a terminal: as `lxc` decides by default, or forced.
@@ -250,6 +252,7 @@ fn create(arguments: &[String], start: bool) -> Result<Command, CliError> {
             valued(&["--profile", "-p"]),
             switch(&["--ephemeral", "-e"]),
             switch(&["--no-profiles"]),
+            switch(&["--vm"]),
         ],
         None,
     )?;
@@ -275,6 +278,7 @@ fn create(arguments: &[String], start: bool) -> Result<Command, CliError> {
         profiles,
         ephemeral: parsed.has("--ephemeral"),
         start,
+        virtual_machine: parsed.has("--vm"),
     }))
 }
 
@@ -753,12 +757,17 @@ mod tests {
                 profiles: Some(vec!["default".into(), "small".into()]),
                 ephemeral: true,
                 start: true,
+                virtual_machine: false,
             })
         );
         let Command::Create(init) = command("init busybox web").unwrap() else {
             panic!("init is a create");
         };
         assert!(!init.start && init.profiles.is_none());
+        let Command::Create(machine) = command("launch busybox web --vm").unwrap() else {
+            panic!("launch is a create");
+        };
+        assert!(machine.virtual_machine && machine.start);
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub fn create(client: &Client, create: &Create) -> Result<(), CliError> {
         .collect();
     let mut body = json!({
         "name": create.name,
-        "type": "container",
+        "type": if create.virtual_machine { "virtual-machine" } else { "container" },
         "source": source,
         "config": config,
         "ephemeral": create.ephemeral,

@@ -47,7 +47,12 @@ const CONTAINER_KEYS: &[&str] = &[
 ];
 
 /// Booleans coved itself reads.
-const BOOLEAN_KEYS: &[&str] = &["boot.autostart", "security.nesting", "security.privileged"];
+const BOOLEAN_KEYS: &[&str] = &[
+    "boot.autostart",
+    "security.nesting",
+    "security.privileged",
+    crate::instances::vm_launch::ALLOW_EMULATED_KVM,
+];
 
 /// Integers coved itself reads.
 const INTEGER_KEYS: &[&str] = &[

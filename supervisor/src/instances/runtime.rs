@@ -170,6 +170,21 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// The containers this runtime finds running (from its run directory), at coved's start.
     fn running(&self) -> Vec<String>;
+
+    /// The guest agent of a running VM (files go through it); `None` for a container.
+    fn guest_agent(&self, _name: &str) -> Option<cove_agent::client::Client> {
+        None
+    }
+
+    /// True when `name` is a virtual machine.
+    fn is_virtual_machine(&self, _name: &str) -> bool {
+        false
+    }
+
+    /// The VM runtime, where this runtime runs VMs.
+    fn virtual_machines(&self) -> Option<&crate::instances::vm::VmRuntime> {
+        None
+    }
 }
 
 /// Moves a stopped container's directory, with its files, to its new name's (the caller has

@@ -316,6 +316,9 @@ pub async fn pull(
     Path(name): Path<String>,
     query: Query,
 ) -> ApiResult {
+    if daemon.runtime.is_virtual_machine(&name) {
+        return super::vm_files::pull(daemon, name, query).await;
+    }
     let path = parse_path(&query)?;
     let target = target(&daemon, &name).await?;
     let (pulled, target, path) = blocking(move || {
@@ -433,6 +436,9 @@ pub async fn push(
     request_headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
+    if daemon.runtime.is_virtual_machine(&name) {
+        return super::vm_files::push(daemon, name, query, request_headers, body).await;
+    }
     let path = parse_path(&query)?;
     if path.base.as_bytes() == b"." {
         return Err(ApiError::bad_request("cannot write to \"/\": name a file"));
@@ -597,6 +603,9 @@ pub async fn remove(
     Path(name): Path<String>,
     query: Query,
 ) -> ApiResult {
+    if daemon.runtime.is_virtual_machine(&name) {
+        return super::vm_files::remove(daemon, name, query).await;
+    }
     let path = parse_path(&query)?;
     if path.base.as_bytes() == b"." {
         return Err(ApiError::bad_request("cannot delete \"/\""));

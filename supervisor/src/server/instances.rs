@@ -208,19 +208,15 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
     if request.source.kind == "copy" {
         return create_copy(daemon, request).await;
     }
-    match request.kind.as_str() {
-        "" | "container" => {}
-        "virtual-machine" => {
-            return Err(ApiError::bad_request(
-                "virtual machines are not supported by coved yet: create a container",
-            ))
-        }
+    let virtual_machine = match request.kind.as_str() {
+        "" | "container" => false,
+        super::virtual_machines::KIND => true,
         other => {
             return Err(ApiError::bad_request(format!(
-                "unknown instance type \"{other}\": use \"container\""
+                "unknown instance type \"{other}\": use \"container\" or \"virtual-machine\""
             )))
         }
-    }
+    };
     let image = resolve_image(&daemon, &request.source)?;
     let profiles = request
         .profiles
@@ -243,6 +239,9 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
         &request.config,
         &request.devices,
     )?;
+    if virtual_machine {
+        super::virtual_machines::admit(&daemon, &profiles, &request.config, &request.devices)?;
+    }
     let image_record = daemon.store.image(&image)?;
     let now = clock::now();
     let mut config_keys = request.config.clone();
@@ -254,7 +253,11 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
     config_keys.insert("volatile.base_image".into(), image.clone());
     let record = InstanceRecord {
         name: request.name.clone(),
-        kind: "container".into(),
+        kind: if virtual_machine {
+            super::virtual_machines::KIND.into()
+        } else {
+            "container".into()
+        },
         architecture: image_record.architecture.clone(),
         description: request.description.clone(),
         config: config_keys,
@@ -270,9 +273,15 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
             Power::Stopped
         },
     };
+    super::virtual_machines::claim_name(&daemon, &request.name, virtual_machine)?;
     daemon
         .store
         .create_instance(&record)
+        .inspect_err(|_| {
+            if virtual_machine {
+                super::virtual_machines::release_name(&daemon, &request.name);
+            }
+        })
         .map_err(|error| match error {
             StoreError::AlreadyExists { .. } => {
                 ApiError::new(409, format!("instance \"{}\" already exists", request.name))
@@ -298,6 +307,10 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
     let start = request.start;
     let work_daemon = daemon.clone();
     Operations::run(operation.clone(), async move {
+        if virtual_machine {
+            super::virtual_machines::create(work_daemon, name, image, start).await?;
+            return Ok(None);
+        }
         if start {
             let lock = work_daemon.instance_lock(&name);
             let _guard = lock.lock().await;
@@ -802,7 +815,15 @@ async fn clear_console(State(daemon): State<Arc<Daemon>>, Path(name): Path<Strin
     ok()
 }
 
-async fn console_attach(Path(name): Path<String>) -> ApiResult {
+async fn console_attach(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult {
+    record(&daemon, &name)?;
+    if daemon.runtime.is_virtual_machine(&name) {
+        return super::vm_console::attach(daemon, name, body).await;
+    }
     Err(ApiError::bad_request(format!(
         "attaching to the console of \"{name}\" is not supported yet: read its log with GET \
          /1.0/instances/{name}/console (lxc console {name} --show-log)"

@@ -14,6 +14,9 @@ mod operations;
 mod resources;
 mod snapshots;
 mod storage;
+mod virtual_machines;
+mod vm_console;
+mod vm_files;
 
 use std::collections::HashMap;
 use std::sync::Arc;

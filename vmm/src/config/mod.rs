@@ -24,6 +24,10 @@ pub const MAX_CMDLINE_BYTES: usize = 2048;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error(
+        "a serial input socket needs a serial port: give --serial file=PATH (or tty), not off"
+    )]
+    SerialInputWithoutSerial,
+    #[error(
         "invalid memory size \"{0}\": expected a number of bytes with an optional K, M, G or T \
          suffix, such as 512M or 2G"
     )]
@@ -65,6 +69,9 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_socket: Option<PathBuf>,
+    /// A Unix socket whose client's bytes are typed into COM1 (`--serial-input`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_input: Option<PathBuf>,
     #[serde(default)]
     pub seccomp: crate::seccomp::SeccompMode,
     /// virtio-blk disks, in the order the guest finds them.
@@ -292,6 +299,9 @@ impl VmConfig {
         }
         if self.kernel.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
+        }
+        if self.serial_input.is_some() && self.serial == SerialConfig::Off {
+            return Err(ConfigError::SerialInputWithoutSerial);
         }
         if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(self.virtio_device_count()));
