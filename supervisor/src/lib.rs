@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod events;
 pub mod images;
 pub mod instances;
+pub mod metrics;
 pub mod networks;
 pub mod operations;
 pub mod server;

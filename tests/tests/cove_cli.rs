@@ -356,9 +356,24 @@ fn image_launch_list_exec_files_config_profile_stop_delete() {
     cove_ok(&coved, &["profile", "delete", "small"]);
     cove_fails(&coved.directory, &["profile", "show", "small"]);
 
-    // Snapshots are refused by name.
-    let stderr = cove_fails(&coved.directory, &["snapshot", "web"]);
-    assert!(stderr.contains("snapshots are not supported"), "{stderr}");
+    // Snapshots: take, change, restore, copy, rename, delete.
+    let exec = |script: &str| cove_ok(&coved, &["exec", "web", "--", "sh", "-c", script]);
+    exec("echo kept > /root/snapshotted");
+    cove_ok(&coved, &["snapshot", "web", "first"]);
+    exec("echo changed > /root/snapshotted");
+    cove_ok(&coved, &["restore", "web", "first"]);
+    assert_eq!(exec("cat /root/snapshotted"), "kept\n");
+    let info = cove_ok(&coved, &["info", "web"]);
+    assert!(
+        info.contains("Snapshots:") && info.contains("| first "),
+        "{info}"
+    );
+    cove_ok(&coved, &["copy", "web/first", "webcopy"]);
+    assert_eq!(listed(&coved).len(), 2);
+    cove_ok(&coved, &["rename", "web/first", "web/kept"]);
+    cove_ok(&coved, &["delete", "web/kept", "webcopy"]);
+    let stderr = cove_fails(&coved.directory, &["restore", "web", "kept"]);
+    assert!(stderr.contains("not found"), "{stderr}");
 
     // Stop and delete.
     cove_ok(&coved, &["stop", "web"]);

@@ -144,7 +144,9 @@ fn assert_nothing_left(coved: &Coved, name: &str) {
 }
 
 fn import_busybox(coved: &Coved) {
-    let scratch = scratch_dir("coved-vm-image");
+    // One directory per coved: the tests of this file run at once.
+    let scratch = coved.directory.join("busybox-upload");
+    std::fs::create_dir_all(&scratch).expect("create the upload directory");
     let tarball = busybox_unified_tarball(&scratch);
     coved.import_image(&tarball, "busybox");
     let _ = std::fs::remove_dir_all(&scratch);

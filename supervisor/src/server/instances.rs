@@ -748,7 +748,15 @@ async fn change_state(
                 let result = daemon.stop_locked(&name, timeout).await;
                 match result {
                     Ok(()) if daemon.store.instance(&name).is_ok() => {
-                        daemon.start_locked(&name).await
+                        let started = daemon.start_locked(&name).await;
+                        if started.is_ok() {
+                            daemon.events.lifecycle(
+                                "instance-restarted",
+                                &instance_url(&name),
+                                BTreeMap::new(),
+                            );
+                        }
+                        started
                     }
                     other => other,
                 }

@@ -9,6 +9,7 @@ mod exec;
 mod files;
 mod images;
 mod instances;
+mod metrics;
 mod networks;
 mod operations;
 mod resources;
@@ -275,6 +276,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .nest("/1.0/instances", instance_routes.clone())
         .nest("/1.0/containers", instance_routes)
         .merge(operations::routes())
+        .merge(metrics::routes())
         .merge(images::routes())
         .merge(networks::routes())
         .fallback(not_found)
