@@ -1,7 +1,7 @@
 """`tools/bench api`: coved's LXD-compatible API against Debian's real LXD.
 
     tools/bench api [--runs N] [--instances N] [--seconds S] [--clients N] [--only cove,lxd]
-                    [--json PATH]
+                    [--snapshot-runs N] [--vm auto|on|off] [--json PATH]
 
 The same client, Debian's `lxc` (5.0.2), drives both daemons on the same busybox image
 (imported by both as the same metadata and rootfs tarballs):
@@ -10,7 +10,19 @@ The same client, Debian's `lxc` (5.0.2), drives both daemons on the same busybox
   first exec ms  from the start of `lxc launch` to the end of the first `lxc exec NAME -- true`
 
 N runs each, interleaved cove/LXD so machine noise hits both alike, each container deleted
-after its run. Then, on coved only (LXD at 100 containers is beyond a 2-core machine's
+after its run. Snapshots, on a `dir` pool and on a `btrfs` pool (a 4 GiB loop file each
+daemon makes with `lxc storage create`), on a running container holding 32 MiB of its own
+files (--snapshot-runs, default 5, interleaved):
+
+  snapshot ms    `lxc snapshot NAME SNAP` wall time
+  restore ms     `lxc restore NAME SNAP` wall time (the running container is stopped,
+                 restored and started again, by both daemons)
+
+VMs (--vm; `auto`, the default, measures them where the host has hardware virtualisation):
+`cove launch IMAGE NAME --vm` to the guest agent ready (the launch returns once the agent has
+announced itself), with the project kernel; `on` measures on kvm-pvm too (with
+boot.allow_emulated_kvm=true, minutes of emulated boot). Debian's LXD cannot start VMs on
+this host at all (it needs the host's vhost_vsock module); cove's userspace vsock needs none. Then, on coved only (LXD at 100 containers is beyond a 2-core machine's
 patience), with --instances running containers (default 100, launched through the API):
 
   requests/s     GET /1.0/instances?recursion=1, --clients keep-alive connections for
@@ -62,6 +74,10 @@ def add_arguments(parser) -> None:
                         help="concurrent keep-alive connections (default 4)")
     parser.add_argument("--only", default="cove,lxd",
                         help="daemons to compare, from cove,lxd (default both)")
+    parser.add_argument("--snapshot-runs", type=int, default=5,
+                        help="snapshots and restores per daemon and pool (default 5)")
+    parser.add_argument("--vm", choices=["auto", "on", "off"], default="auto",
+                        help="measure `cove launch --vm` (auto: where the host has VT-x/AMD-V)")
     parser.add_argument("--json", help=f"where to write the JSON report (default {DEFAULT_JSON})")
 
 
@@ -135,7 +151,7 @@ class Coved:
         log_file = open(self.scratch / "coved.log", "w")
         self.daemon = subprocess.Popen(
             [str(COVED), "--dir", str(self.directory), "--cgroup-parent", CGROUP_PARENT,
-             "--shim", str(COVE_SHIM)],
+             "--shim", str(COVE_SHIM), "--default-network", "none"],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
@@ -221,6 +237,83 @@ def measure_launch(daemon, container: str) -> dict:
     executed = time.monotonic()
     daemon.lxc("delete", "--force", container)
     return {"launch_ms": (launched - start) * 1000, "first_exec_ms": (executed - start) * 1000}
+
+
+SNAPSHOT_POOLS = ("dir", "btrfs")
+
+
+def prepare_snapshot_pools(daemon) -> dict:
+    """A container per pool driver, each holding 32 MiB of its own files; returns
+    {driver: container}."""
+    containers = {}
+    for driver in SNAPSHOT_POOLS:
+        pool = f"bench{driver}"
+        if driver == "dir":
+            daemon.lxc("storage", "create", pool, "dir")
+        else:
+            daemon.lxc("storage", "create", pool, "btrfs", "size=4GiB")
+        container = f"snap{driver}"
+        daemon.lxc("launch", IMAGE_ALIAS, container, "-s", pool)
+        daemon.lxc("exec", container, "--", "sh", "-c",
+                   "mkdir -p /data && for i in 1 2 3 4 5 6 7 8; do "
+                   "head -c 4194304 /dev/urandom > /data/file$i; done")
+        containers[driver] = container
+    return containers
+
+
+def measure_snapshot(daemon, container: str, run: int) -> dict:
+    snapshot = f"s{run}"
+    start = time.monotonic()
+    daemon.lxc("snapshot", container, snapshot)
+    taken = time.monotonic()
+    daemon.lxc("exec", container, "--", "sh", "-c", "rm -f /data/file1; echo changed > /data/x")
+    restore_start = time.monotonic()
+    daemon.lxc("restore", container, snapshot)
+    restored = time.monotonic()
+    return {"snapshot_ms": (taken - start) * 1000, "restore_ms": (restored - restore_start) * 1000}
+
+
+def remove_snapshot_pools(daemon, containers: dict) -> None:
+    for driver, container in containers.items():
+        daemon.lxc("delete", "--force", container, check=False)
+        daemon.lxc("storage", "delete", f"bench{driver}", check=False)
+
+
+def host_is_kvm_pvm() -> bool:
+    if Path("/sys/module/kvm_pvm").exists():
+        return True
+    flags = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = line
+            break
+    return " vmx" not in flags and " svm" not in flags
+
+
+def measure_vm_launch(cove, runs: int, emulated: bool) -> list:
+    """`cove launch IMAGE NAME --vm` to agent ready, `runs` times."""
+    run_setup_command(["cargo", "build", "--release", "-p", "cove-supervisor", "--bin", "cove",
+                       "-p", "cove-vmm", "--bin", "cove-vmm"], "building cove and cove-vmm")
+    run_setup_command([str(REPOSITORY / "guest-agent" / "build")], "building cove-agent")
+    run_setup_command([str(REPOSITORY / "resources" / "build-kernel")],
+                      "building the guest kernel (once per machine)")
+    cove_cli = REPOSITORY / "target" / "release" / "cove"
+    times = []
+    for run in range(runs):
+        name = f"benchvm{run}"
+        command = [str(cove_cli), "--dir", str(cove.directory), "launch", IMAGE_ALIAS, name,
+                   "--vm", "-c", "limits.memory=512MiB"]
+        if emulated:
+            command += ["-c", "boot.allow_emulated_kvm=true"]
+        start = time.monotonic()
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        ready = time.monotonic()
+        if result.returncode != 0:
+            raise BenchError(f"cove launch --vm failed: {result.stderr.strip()}")
+        times.append((ready - start) * 1000)
+        subprocess.run([str(cove_cli), "--dir", str(cove.directory), "delete", "--force", name],
+                       capture_output=True, timeout=300)
+    return times
 
 
 def launch_many(path: str, count: int) -> float:
@@ -330,6 +423,35 @@ def api_benchmark(arguments) -> int:
                 "launch_ms": summarize([r["launch_ms"] for r in results[daemon.name]]),
                 "first_exec_ms": summarize([r["first_exec_ms"] for r in results[daemon.name]]),
             }
+        snapshot_containers = {}
+        for daemon in daemons:
+            snapshot_containers[daemon.name] = prepare_snapshot_pools(daemon)
+        snapshot_results = {daemon.name: {driver: [] for driver in SNAPSHOT_POOLS}
+                            for daemon in daemons}
+        for run in range(arguments.snapshot_runs):
+            for driver in SNAPSHOT_POOLS:
+                for daemon in daemons:
+                    container = snapshot_containers[daemon.name][driver]
+                    snapshot_results[daemon.name][driver].append(
+                        measure_snapshot(daemon, container, run))
+        for daemon in daemons:
+            remove_snapshot_pools(daemon, snapshot_containers.pop(daemon.name))
+            report["daemons"][daemon.name]["snapshots"] = {
+                driver: {
+                    "snapshot_ms": summarize([r["snapshot_ms"] for r in runs]),
+                    "restore_ms": summarize([r["restore_ms"] for r in runs]),
+                }
+                for driver, runs in snapshot_results[daemon.name].items()
+            }
+        emulated = host_is_kvm_pvm()
+        if arguments.vm == "on" or (arguments.vm == "auto" and not emulated):
+            log("bench: cove launch --vm to agent ready")
+            vm_times = measure_vm_launch(cove, min(arguments.runs, 3), emulated)
+            report["daemons"]["cove"]["vm_launch_ms"] = summarize(vm_times)
+            report["daemons"]["cove"]["vm_host"] = "kvm-pvm (emulated)" if emulated else "hardware"
+        else:
+            skipped["cove --vm"] = ("this host's /dev/kvm is kvm-pvm (software): Linux guests boot "
+                                    "under emulation; run with --vm on to measure anyway")
         log(f"bench: launching {arguments.instances} instances on coved")
         launch_seconds = launch_many(cove.socket, arguments.instances)
         listed = request(cove.socket, "GET", "/1.0/instances?recursion=1")["metadata"]
@@ -362,6 +484,26 @@ def api_benchmark(arguments) -> int:
         ratio = (report["daemons"]["lxd"]["launch_ms"]["median"]
                  / report["daemons"]["cove"]["launch_ms"]["median"])
         print(f"  LXD's median launch / cove's: {ratio:.1f}x")
+    print(f"Snapshots of a running container with 32 MiB of its own files, "
+          f"{arguments.snapshot_runs} runs (median ms):")
+    for driver in SNAPSHOT_POOLS:
+        line = f"  {driver:5}"
+        for name, figures in report["daemons"].items():
+            snapshot = figures.get("snapshots", {}).get(driver)
+            if snapshot:
+                line += (f"   {name}: snapshot {snapshot['snapshot_ms']['median']:7.1f}"
+                         f" restore {snapshot['restore_ms']['median']:7.1f}")
+        if "lxd" in report["daemons"]:
+            cove_s = report["daemons"]["cove"]["snapshots"][driver]
+            lxd_s = report["daemons"]["lxd"]["snapshots"][driver]
+            line += (f"   LXD/cove: snapshot "
+                     f"{lxd_s['snapshot_ms']['median'] / cove_s['snapshot_ms']['median']:.1f}x"
+                     f" restore {lxd_s['restore_ms']['median'] / cove_s['restore_ms']['median']:.1f}x")
+        print(line)
+    vm = report["daemons"]["cove"].get("vm_launch_ms")
+    if vm:
+        print(f"  cove launch --vm to agent ready ({report['daemons']['cove']['vm_host']}): "
+              f"{vm['min']:.0f} / {vm['median']:.0f} / {vm['max']:.0f} ms")
     for name, reason in skipped.items():
         print(f"  {name}: not measured: {reason.splitlines()[0]}")
     cove_figures = report["daemons"]["cove"]
