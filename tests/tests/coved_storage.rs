@@ -581,3 +581,75 @@ fn library_runtime_binds_a_read_only_host_directory() {
         .join("storage-pools/default/containers/guest")
         .is_dir());
 }
+
+#[test]
+fn snapshots_on_a_btrfs_pool_are_read_only_subvolumes_that_go_with_their_instance() {
+    let mut unmount = Unmount(None);
+    let coved = Coved::start("storage-btrfs-snapshots", &[]);
+    unmount.0 = Some(coved.directory.clone());
+    let created = coved.request(
+        "POST",
+        "/1.0/storage-pools",
+        Some(json!({"name": "snaps", "driver": "btrfs", "config": {"size": "2GiB"}})),
+    );
+    assert_eq!(created.status, 200, "{}", created.json());
+    coved.import_image(&big_busybox_tarball(&coved.directory), "big");
+    let root = json!({"root": {"type": "disk", "path": "/", "pool": "snaps"}});
+    create_instance(&coved, "web", root);
+    booted(&coved, "web");
+    let shell = |name: &str, script: &str| {
+        let (code, stdout, stderr) = coved.exec(name, &["sh", "-c", script], b"");
+        assert_eq!(code, 0, "`{script}` in {name}: {stderr}");
+        stdout
+    };
+    shell("web", "echo before > /root/note");
+    coved.operation(
+        "POST",
+        "/1.0/instances/web/snapshots",
+        Some(json!({"name": "s1"})),
+    );
+    let instance = pool_directory(&coved, "snaps").join("containers/web");
+    let captured = instance.join("snapshots/s1/snapshot");
+    let shown = command("btrfs", &["subvolume", "show", &captured.to_string_lossy()]);
+    assert!(shown.contains("readonly"), "a read-only subvolume: {shown}");
+
+    shell("web", "echo after > /root/note; rm /bin/vi");
+    coved.operation("PUT", "/1.0/instances/web", Some(json!({"restore": "s1"})));
+    booted(&coved, "web");
+    assert_eq!(shell("web", "cat /root/note"), "before\n");
+    shell("web", "test -e /bin/vi");
+
+    coved.operation(
+        "POST",
+        "/1.0/instances",
+        Some(json!({"name": "twin", "source": {"type": "copy", "source": "web"}})),
+    );
+    let twin = pool_directory(&coved, "snaps").join("containers/twin");
+    command(
+        "btrfs",
+        &[
+            "subvolume",
+            "show",
+            &twin.join("snapshot").to_string_lossy(),
+        ],
+    );
+    assert!(
+        twin.join("snapshots/s1/snapshot").exists(),
+        "the copy took the snapshot"
+    );
+
+    coved.operation(
+        "PUT",
+        "/1.0/instances/web/state",
+        Some(json!({"action": "stop", "force": true})),
+    );
+    for name in ["web", "twin"] {
+        coved.operation("DELETE", &format!("/1.0/instances/{name}"), None);
+    }
+    assert!(
+        !instance.exists() && !twin.exists(),
+        "nothing of the instances remains"
+    );
+    let deleted = coved.request("DELETE", "/1.0/storage-pools/snaps", None);
+    assert_eq!(deleted.status, 200, "{}", deleted.json());
+}
