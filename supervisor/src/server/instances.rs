@@ -469,23 +469,14 @@ async fn restore(daemon: Arc<Daemon>, name: String, snapshot: String) -> ApiResu
             }
             other => other.into(),
         })?;
-    let operation = daemon.operations.create(
-        Class::Task,
+    let instance = name.clone();
+    super::snapshots::locked_task(
+        daemon,
         "Restoring snapshot",
         resources(&name),
-        Value::Object(Default::default()),
-        false,
-    );
-    Operations::run(operation.clone(), async move {
-        let lock = daemon.instance_lock(&name);
-        let _guard = lock.lock().await;
-        daemon
-            .restore_snapshot_locked(&name, &snapshot)
-            .await
-            .map_err(|error| error.to_string())?;
-        Ok(None)
-    });
-    accepted(&operation)
+        name,
+        |daemon| async move { daemon.restore_snapshot_locked(&instance, &snapshot).await },
+    )
 }
 
 /// `POST /1.0/instances` with a `copy` source: the new instance's row now (its name taken, the
@@ -509,13 +500,6 @@ async fn create_copy(daemon: Arc<Daemon>, request: InstancesPost) -> ApiResult {
         &instance_url(&request.name),
         BTreeMap::from([("source".to_string(), json!(request.source.source))]),
     );
-    let operation = daemon.operations.create(
-        Class::Task,
-        "Copying instance",
-        resources(&request.name),
-        Value::Object(Default::default()),
-        false,
-    );
     let source = request
         .source
         .source
@@ -523,27 +507,27 @@ async fn create_copy(daemon: Arc<Daemon>, request: InstancesPost) -> ApiResult {
         .next()
         .unwrap_or_default()
         .to_string();
-    Operations::run(operation.clone(), async move {
-        let lock = daemon.instance_lock(&request.name);
-        let _guard = lock.lock().await;
-        daemon
-            .copy_files_locked(
-                &source,
-                snapshot.as_deref(),
-                &request.name,
-                request.source.instance_only,
-            )
-            .await
-            .map_err(|error| error.to_string())?;
-        if request.start {
+    let name = request.name.clone();
+    super::snapshots::locked_task(
+        daemon,
+        "Copying instance",
+        resources(&name),
+        name,
+        move |daemon| async move {
             daemon
-                .start_locked(&request.name)
-                .await
-                .map_err(|error| error.to_string())?;
-        }
-        Ok(None)
-    });
-    accepted(&operation)
+                .copy_files_locked(
+                    &source,
+                    snapshot.as_deref(),
+                    &request.name,
+                    request.source.instance_only,
+                )
+                .await?;
+            if request.start {
+                daemon.start_locked(&request.name).await?;
+            }
+            Ok(())
+        },
+    )
 }
 
 async fn require_stopped(daemon: &Arc<Daemon>, name: &str, doing: &str) -> Result<(), ApiError> {

@@ -5,6 +5,7 @@
 //! and answers as LXD does (operations for take, rename and delete).
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -19,7 +20,7 @@ use super::{
     Query,
 };
 use crate::api::types::{InstanceSnapshotPost, InstanceSnapshotPut, InstanceSnapshotsPost};
-use crate::daemon::{instance_url, Daemon};
+use crate::daemon::{instance_url, Daemon, DaemonError};
 use crate::operations::{Class, Operations};
 use crate::snapshots::snapshot_url;
 use crate::store::{SnapshotRecord, StoreError};
@@ -51,6 +52,37 @@ fn resources(instance: &str, snapshot: &str) -> BTreeMap<String, Vec<String>> {
             vec![snapshot_url(instance, snapshot)],
         ),
     ])
+}
+
+/// Answers with an operation that runs `work` under the instance's lock (as every change of
+/// an instance runs), failing with its error's message.
+pub fn locked_task<F, Fut>(
+    daemon: Arc<Daemon>,
+    description: &str,
+    resources: BTreeMap<String, Vec<String>>,
+    instance: String,
+    work: F,
+) -> ApiResult
+where
+    F: FnOnce(Arc<Daemon>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), DaemonError>> + Send + 'static,
+{
+    let operation = daemon.operations.create(
+        Class::Task,
+        description,
+        resources,
+        Value::Object(Default::default()),
+        false,
+    );
+    Operations::run(operation.clone(), async move {
+        let lock = daemon.instance_lock(&instance);
+        let _guard = lock.lock().await;
+        work(daemon.clone())
+            .await
+            .map_err(|error| error.to_string())?;
+        Ok(None)
+    });
+    accepted(&operation)
 }
 
 fn instance(daemon: &Daemon, name: &str) -> Result<(), ApiError> {
@@ -127,23 +159,15 @@ async fn create(
         request.name = daemon.next_snapshot_name(&name)?;
     }
     daemon.check_new_snapshot(&name, &request)?;
-    let operation = daemon.operations.create(
-        Class::Task,
+    let operation_resources = resources(&name, &request.name);
+    let instance = name.clone();
+    locked_task(
+        daemon,
         "Snapshotting instance",
-        resources(&name, &request.name),
-        Value::Object(Default::default()),
-        false,
-    );
-    Operations::run(operation.clone(), async move {
-        let lock = daemon.instance_lock(&name);
-        let _guard = lock.lock().await;
-        daemon
-            .create_snapshot_locked(&name, &request)
-            .await
-            .map_err(|error| error.to_string())?;
-        Ok(None)
-    });
-    accepted(&operation)
+        operation_resources,
+        name,
+        |daemon| async move { daemon.create_snapshot_locked(&instance, &request).await },
+    )
 }
 
 async fn show(
@@ -220,26 +244,22 @@ async fn rename(
     if request.name != snapshot_name {
         daemon.check_snapshot_rename(&name, &snapshot_name, &request.name)?;
     }
-    let operation = daemon.operations.create(
-        Class::Task,
+    let operation_resources = resources(&name, &snapshot_name);
+    let instance = name.clone();
+    locked_task(
+        daemon,
         "Renaming snapshot",
-        resources(&name, &snapshot_name),
-        Value::Object(Default::default()),
-        false,
-    );
-    Operations::run(operation.clone(), async move {
-        if request.name == snapshot_name {
-            return Ok(None);
-        }
-        let lock = daemon.instance_lock(&name);
-        let _guard = lock.lock().await;
-        daemon
-            .rename_snapshot_locked(&name, &snapshot_name, &request.name)
-            .await
-            .map_err(|error| error.to_string())?;
-        Ok(None)
-    });
-    accepted(&operation)
+        operation_resources,
+        name,
+        |daemon| async move {
+            if request.name == snapshot_name {
+                return Ok(());
+            }
+            daemon
+                .rename_snapshot_locked(&instance, &snapshot_name, &request.name)
+                .await
+        },
+    )
 }
 
 async fn delete(
@@ -247,21 +267,17 @@ async fn delete(
     Path((name, snapshot_name)): Path<(String, String)>,
 ) -> ApiResult {
     snapshot(&daemon, &name, &snapshot_name)?;
-    let operation = daemon.operations.create(
-        Class::Task,
+    let operation_resources = resources(&name, &snapshot_name);
+    let instance = name.clone();
+    locked_task(
+        daemon,
         "Deleting snapshot",
-        resources(&name, &snapshot_name),
-        Value::Object(Default::default()),
-        false,
-    );
-    Operations::run(operation.clone(), async move {
-        let lock = daemon.instance_lock(&name);
-        let _guard = lock.lock().await;
-        daemon
-            .delete_snapshot_locked(&name, &snapshot_name)
-            .await
-            .map_err(|error| error.to_string())?;
-        Ok(None)
-    });
-    accepted(&operation)
+        operation_resources,
+        name,
+        |daemon| async move {
+            daemon
+                .delete_snapshot_locked(&instance, &snapshot_name)
+                .await
+        },
+    )
 }
