@@ -46,6 +46,8 @@ pub const API_EXTENSIONS: &[&str] = &[
     "operation_wait",
     "storage_api_local_volume_handling",
     "network_state",
+    "resources",
+    "resources_v2",
     "network_leases",
     "instance_nic_network",
     "api_filtering",

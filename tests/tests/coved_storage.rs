@@ -288,6 +288,13 @@ fn btrfs_pool_holds_many_snapshots_shares_a_volume_and_survives_a_restart() {
     );
     let volumes = coved.lxc_ok(&["storage", "volume", "list", "fast"]);
     assert!(volumes.contains("shared"), "{volumes}");
+    let info = coved.lxc_ok(&["storage", "info", "fast"]);
+    assert!(
+        info.contains("space used:") && info.contains("total space:"),
+        "{info}"
+    );
+    let host = coved.lxc_ok(&["info", "--resources"]);
+    assert!(host.contains("CPU") && host.contains("Memory"), "{host}");
 
     // Pools are mounted again at coved's start.
     coved.delete_all();

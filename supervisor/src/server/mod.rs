@@ -7,6 +7,7 @@
 
 mod exec;
 mod files;
+mod host;
 mod images;
 mod instances;
 mod metrics;
@@ -277,6 +278,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .nest("/1.0/containers", instance_routes)
         .merge(operations::routes())
         .merge(metrics::routes())
+        .merge(host::routes())
         .merge(images::routes())
         .merge(networks::routes())
         .fallback(not_found)
