@@ -77,39 +77,41 @@ impl RawSnapshot {
 
 impl Store {
     pub fn create_snapshot(&self, record: &SnapshotRecord) -> Result<(), StoreError> {
-        self.lock()
-            .execute(
-                &format!(
-                    "INSERT INTO instance_snapshots ({SNAPSHOT_COLUMNS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
-                ),
-                params![
-                    record.instance,
-                    record.name,
-                    record.description,
-                    record.architecture,
-                    json(&record.config),
-                    json(&record.devices),
-                    json(&record.profiles),
-                    record.ephemeral,
-                    record.stateful,
-                    record.created_at,
-                    record.expires_at,
-                ],
-            )
-            .map_err(|error| match error.sqlite_error_code() {
-                // The instance is gone (foreign key) or the name is taken (primary key).
-                Some(rusqlite::ErrorCode::ConstraintViolation)
-                    if self.instance(&record.instance).is_err() =>
-                {
-                    StoreError::NotFound {
-                        kind: "instance",
-                        name: record.instance.clone(),
-                    }
-                }
-                _ => unique("snapshot", &record.full_name())(error),
-            })?;
-        Ok(())
+        // The statement's result is taken first so that the connection is free again before
+        // a failure is told apart (which reads the instances table).
+        let inserted = self.lock().execute(
+            &format!(
+                "INSERT INTO instance_snapshots ({SNAPSHOT_COLUMNS}) VALUES \
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ),
+            params![
+                record.instance,
+                record.name,
+                record.description,
+                record.architecture,
+                json(&record.config),
+                json(&record.devices),
+                json(&record.profiles),
+                record.ephemeral,
+                record.stateful,
+                record.created_at,
+                record.expires_at,
+            ],
+        );
+        match inserted {
+            Ok(_) => Ok(()),
+            // The instance is gone (foreign key) or the name is taken (primary key).
+            Err(error)
+                if error.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)
+                    && self.instance(&record.instance).is_err() =>
+            {
+                Err(StoreError::NotFound {
+                    kind: "instance",
+                    name: record.instance.clone(),
+                })
+            }
+            Err(error) => Err(unique("snapshot", &record.full_name())(error)),
+        }
     }
 
     pub fn snapshot(&self, instance: &str, name: &str) -> Result<SnapshotRecord, StoreError> {
