@@ -1,7 +1,9 @@
 //! `/1.0/images` and `/1.0/images/aliases`: import as `lxc image import` and pylxd send images
 //! (the raw bytes of a unified tarball, or `multipart/form-data` with a `metadata` and a
-//! `rootfs` part, or for a VM image a `rootfs.img` part, with `X-LXD-public`, `X-LXD-filename` and `X-LXD-properties`), list, show,
-//! update, delete, and aliases.
+//! `rootfs` part, or for a VM image a `rootfs.img` part, with `X-LXD-public`,
+//! `X-LXD-filename` and `X-LXD-properties`), list, show, update, delete, and aliases. An
+//! image's type (`container` or `virtual-machine`) is what it holds: a rootfs or a disk
+//! (`crate::images::machine`).
 //!
 //! An upload is streamed to a staging file while hashed, refused past `--max-image-size`,
 //! unpacked, moved into place and recorded, all before the answer: a bad upload is a 4xx

@@ -145,3 +145,28 @@ pub async fn create(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_instance_type_follows_the_image_unless_asked() {
+        assert!(!instance_is_machine("", "container").unwrap());
+        assert!(instance_is_machine("", KIND).unwrap());
+        assert!(instance_is_machine(KIND, "container").unwrap());
+        assert!(instance_is_machine(KIND, KIND).unwrap());
+        assert!(!instance_is_machine("container", "container").unwrap());
+        let refused = instance_is_machine("container", KIND).unwrap_err();
+        assert_eq!(refused.status, 400);
+        assert!(
+            refused.message.contains("doesn't match"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(
+            instance_is_machine("pod", "container").unwrap_err().status,
+            400
+        );
+    }
+}
