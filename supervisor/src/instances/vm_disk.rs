@@ -244,6 +244,7 @@ fn place_agent(agent: &Path, building: &Path) -> Result<(), DiskError> {
     std::fs::write(&wrapper, INIT_WRAPPER).map_err(io("write the init wrapper"))?;
     let commands = format!(
         "mkdir /usr\nmkdir /usr/lib\nmkdir {GUEST_DIRECTORY}\n\
+         rm {GUEST_AGENT}\nrm {GUEST_INIT}\n\
          write {agent} {GUEST_AGENT}\nsif {GUEST_AGENT} mode 0100755\n\
          sif {GUEST_AGENT} uid 0\nsif {GUEST_AGENT} gid 0\n\
          write {wrapper} {GUEST_INIT}\nsif {GUEST_INIT} mode 0100755\n\
@@ -253,8 +254,9 @@ fn place_agent(agent: &Path, building: &Path) -> Result<(), DiskError> {
     );
     let script = building.with_extension("debugfs");
     std::fs::write(&script, commands).map_err(io("write the debugfs script"))?;
-    // debugfs reports a `mkdir` of an existing directory and goes on; whether the files
-    // arrived is checked below.
+    // debugfs reports a `mkdir` of an existing directory (and an `rm` of a missing file: a
+    // VM image's disk may already hold an older agent, which `write` would not replace) and
+    // goes on; whether the files arrived is checked below.
     let result = run(
         "debugfs",
         &[
