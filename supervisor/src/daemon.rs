@@ -339,7 +339,11 @@ impl Daemon {
         config::validate_expanded_devices(&expanded_devices)?;
         self.validate_storage_devices(&expanded_devices)?;
         self.validate_network_nics(name, &expanded_devices)?;
-        config::validate_for_container(name, &self.image_rootfs(image), &expanded)?;
+        let rootfs = self.image_rootfs(image);
+        // A VM image has a disk, not a rootfs: only VMs are made from it.
+        if !crate::images::machine::is_machine_image(rootfs.parent().unwrap_or(&rootfs)) {
+            config::validate_for_container(name, &rootfs, &expanded)?;
+        }
         Ok(())
     }
 

@@ -1,5 +1,5 @@
 //! The image store: images as `lxc image import` uploads them (a unified tarball, or a
-//! metadata tarball and a rootfs tarball or squashfs), named by the SHA-256 of the uploaded
+//! metadata tarball and a rootfs tarball or squashfs; for VM images a disk, see `machine`), named by the SHA-256 of the uploaded
 //! bytes as LXD names them, unpacked once under `$COVE_DIR/images/<fingerprint>/` and never
 //! written again: every instance runs on a snapshot of `rootfs/` there.
 //!
@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
+
+pub mod machine;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -224,7 +226,8 @@ fn unsquash(path: &Path, target: &Path) -> Result<(), ImageError> {
 }
 
 /// Unpacks an upload into `staging` (`metadata.yaml`, `rootfs/`, `templates/`) and reads its
-/// metadata. `rootfs` is the second file of a split image.
+/// metadata. `rootfs` is the second file of a split image. A VM image's disk (`rootfs.img`,
+/// from the tarball or placed in `staging` before) is checked, not unpacked.
 pub fn unpack(
     staging: &Path,
     metadata_file: &Path,
@@ -255,10 +258,15 @@ pub fn unpack(
         )
     })?;
     let metadata = parse_metadata(&text)?;
+    if machine::is_machine_image(staging) {
+        machine::check_disk(&staging.join(machine::DISK_FILE))?;
+        return Ok(metadata);
+    }
     if !root.is_dir() {
         return Err(ImageError::Format(
             "the image has no rootfs/ directory: a unified image tarball holds metadata.yaml \
-             and rootfs/; a split image needs its rootfs as a second file"
+             and rootfs/ (a VM image: metadata.yaml and rootfs.img); a split image needs its \
+             rootfs as a second file"
                 .into(),
         ));
     }

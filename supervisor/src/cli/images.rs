@@ -111,7 +111,13 @@ pub fn import(
             filename = name;
         }
         [metadata, rootfs] => {
-            for (field, path) in [("metadata", metadata), ("rootfs", rootfs)] {
+            // A disk as the second file makes a VM image, as `lxc image import` sends it.
+            let rootfs_field = if crate::images::machine::looks_like_disk(rootfs) {
+                crate::images::machine::DISK_FILE
+            } else {
+                "rootfs"
+            };
+            for (field, path) in [("metadata", metadata), (rootfs_field, rootfs)] {
                 let (file, size, name) = open(path)?;
                 let head = format!(
                     "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; \

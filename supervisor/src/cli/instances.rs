@@ -42,7 +42,8 @@ pub fn create(client: &Client, create: &Create) -> Result<(), CliError> {
         .collect();
     let mut body = json!({
         "name": create.name,
-        "type": if create.virtual_machine { "virtual-machine" } else { "container" },
+        // Without --vm the image's type decides, as with lxc.
+        "type": if create.virtual_machine { "virtual-machine" } else { "" },
         "source": source,
         "config": config,
         "ephemeral": create.ephemeral,

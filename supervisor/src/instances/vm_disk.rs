@@ -2,7 +2,8 @@
 //! container runs.
 //!
 //! An image's unpacked rootfs becomes an ext4 file system once per image (`mkfs.ext4 -d`,
-//! cached beside the image as `images/<fingerprint>/vm.ext4`), with cove-agent and a tiny
+//! cached beside the image as `images/<fingerprint>/vm.ext4`; a VM image's own ext4 disk,
+//! `rootfs.img`, is copied and grown instead), with cove-agent and a tiny
 //! init wrapper written into it (`debugfs`), so the image itself is never changed. Each VM gets
 //! its own copy (`cp --reflink=auto --sparse=always`: a reflink where the file system has them,
 //! otherwise a sparse copy of the blocks in use) as `root.img` in its directory. The guest
@@ -133,7 +134,7 @@ pub fn ensure_image_disk(rootfs: &Path, agent: &Path) -> Result<PathBuf, DiskErr
     if disk.is_file() {
         return Ok(disk);
     }
-    if !rootfs.is_dir() {
+    if !rootfs.is_dir() && !image_source_disk(rootfs).is_file() {
         return Err(DiskError::NoRootfs(rootfs.to_path_buf()));
     }
     if !agent.is_file() {
@@ -153,7 +154,23 @@ pub fn ensure_image_disk(rootfs: &Path, agent: &Path) -> Result<PathBuf, DiskErr
     Ok(disk)
 }
 
+/// A VM image's own disk (`images/<fp>/rootfs.img`), beside where a container image's rootfs
+/// would be.
+pub fn image_source_disk(rootfs: &Path) -> PathBuf {
+    rootfs.with_file_name(crate::images::machine::DISK_FILE)
+}
+
 fn build_image_disk(rootfs: &Path, agent: &Path, building: &Path) -> Result<(), DiskError> {
+    if rootfs.is_dir() {
+        make_file_system(rootfs, building)?;
+    } else {
+        copy_image_disk(&image_source_disk(rootfs), building)?;
+    }
+    place_agent(agent, building)
+}
+
+/// A container image's rootfs as a new ext4 file system of the VM's size.
+fn make_file_system(rootfs: &Path, building: &Path) -> Result<(), DiskError> {
     let file = File::create(building).map_err(io(format!("create {}", building.display())))?;
     file.set_len(DISK_SIZE_BYTES)
         .map_err(io(format!("size {}", building.display())))?;
@@ -170,11 +187,64 @@ fn build_image_disk(rootfs: &Path, agent: &Path, building: &Path) -> Result<(), 
             building.as_os_str(),
         ],
         "making the image's file system",
+    )
+}
+
+/// A VM image's ext4 disk, copied (sparse) and grown to the VM's size when smaller, so that
+/// the guest has room to write whatever size the image was made at.
+fn copy_image_disk(disk: &Path, building: &Path) -> Result<(), DiskError> {
+    run(
+        "cp",
+        &[
+            "--reflink=auto".as_ref(),
+            "--sparse=always".as_ref(),
+            disk.as_os_str(),
+            building.as_os_str(),
+        ],
+        "copying the VM image's disk",
     )?;
+    let size = building
+        .metadata()
+        .map_err(io(format!("read the size of {}", building.display())))?
+        .len();
+    if size >= DISK_SIZE_BYTES {
+        return Ok(());
+    }
+    // resize2fs wants a freshly checked file system; e2fsck exits 1 when it fixed something.
+    let checked = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(building)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io("run e2fsck"))?;
+    if !matches!(checked.status.code(), Some(0 | 1)) {
+        return Err(DiskError::Tool {
+            program: "e2fsck",
+            what: "checking the VM image's disk".into(),
+            output: String::from_utf8_lossy(&checked.stdout).trim().to_string(),
+        });
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(building)
+        .map_err(io(format!("open {}", building.display())))?;
+    file.set_len(DISK_SIZE_BYTES)
+        .map_err(io(format!("size {}", building.display())))?;
+    drop(file);
+    run(
+        "resize2fs",
+        &["-f".as_ref(), building.as_os_str()],
+        "growing the VM image's disk",
+    )
+}
+
+/// Writes cove-agent and the init wrapper into the disk's file system.
+fn place_agent(agent: &Path, building: &Path) -> Result<(), DiskError> {
     let wrapper = building.with_extension("init");
     std::fs::write(&wrapper, INIT_WRAPPER).map_err(io("write the init wrapper"))?;
     let commands = format!(
         "mkdir /usr\nmkdir /usr/lib\nmkdir {GUEST_DIRECTORY}\n\
+         rm {GUEST_AGENT}\nrm {GUEST_INIT}\n\
          write {agent} {GUEST_AGENT}\nsif {GUEST_AGENT} mode 0100755\n\
          sif {GUEST_AGENT} uid 0\nsif {GUEST_AGENT} gid 0\n\
          write {wrapper} {GUEST_INIT}\nsif {GUEST_INIT} mode 0100755\n\
@@ -184,8 +254,9 @@ fn build_image_disk(rootfs: &Path, agent: &Path, building: &Path) -> Result<(), 
     );
     let script = building.with_extension("debugfs");
     std::fs::write(&script, commands).map_err(io("write the debugfs script"))?;
-    // debugfs reports a `mkdir` of an existing directory and goes on; whether the files
-    // arrived is checked below.
+    // debugfs reports a `mkdir` of an existing directory (and an `rm` of a missing file: a
+    // VM image's disk may already hold an older agent, which `write` would not replace) and
+    // goes on; whether the files arrived is checked below.
     let result = run(
         "debugfs",
         &[

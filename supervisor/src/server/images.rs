@@ -1,7 +1,9 @@
 //! `/1.0/images` and `/1.0/images/aliases`: import as `lxc image import` and pylxd send images
 //! (the raw bytes of a unified tarball, or `multipart/form-data` with a `metadata` and a
-//! `rootfs` part, with `X-LXD-public`, `X-LXD-filename` and `X-LXD-properties`), list, show,
-//! update, delete, and aliases.
+//! `rootfs` part, or for a VM image a `rootfs.img` part, with `X-LXD-public`,
+//! `X-LXD-filename` and `X-LXD-properties`), list, show, update, delete, and aliases. An
+//! image's type (`container` or `virtual-machine`) is what it holds: a rootfs or a disk
+//! (`crate::images::machine`).
 //!
 //! An upload is streamed to a staging file while hashed, refused past `--max-image-size`,
 //! unpacked, moved into place and recorded, all before the answer: a bad upload is a 4xx
@@ -32,7 +34,7 @@ use crate::api::types::{
 };
 use crate::clock;
 use crate::daemon::{blocking, Daemon};
-use crate::images::{self, Fingerprinter, ImageError};
+use crate::images::{self, machine, Fingerprinter, ImageError};
 use crate::operations::Class;
 use crate::store::{AliasRecord, ImageRecord, StoreError};
 
@@ -296,7 +298,11 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|value| !value.is_empty())
 }
 
-async fn create(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, body: Body) -> ApiResult {
+async fn create(State(daemon): State<Arc<Daemon>>, request: Request<Body>) -> ApiResult {
+    // The request's parts stay whole for the multipart reader: they carry the body limit the
+    // router lifted (without it, a part is cut off at 2 MiB).
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers.clone();
     let content_type = header_text(&headers, header::CONTENT_TYPE.as_str())
         .unwrap_or("application/octet-stream")
         .to_string();
@@ -328,17 +334,16 @@ async fn create(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, body: Bod
     };
     let mut fingerprinter = Fingerprinter::default();
     let metadata_file = staging.join("upload.metadata");
+    let unpacked = staging.join("unpacked");
     let mut rootfs_file = None;
     let mut filename = header_text(&headers, "x-lxd-filename").map(str::to_string);
     if content_type.starts_with("multipart/form-data") {
-        let request = Request::builder()
-            .header(header::CONTENT_TYPE, &content_type)
-            .body(body)
-            .map_err(|error| ApiError::bad_request(format!("invalid multipart upload: {error}")))?;
+        let request = Request::from_parts(parts, body);
         let mut multipart = Multipart::from_request(request, &())
             .await
             .map_err(|error| ApiError::bad_request(format!("invalid multipart upload: {error}")))?;
         let mut seen_metadata = false;
+        let mut disk_part = false;
         loop {
             let field = multipart.next_field().await.map_err(|error| {
                 ApiError::bad_request(format!("invalid multipart upload: {error}"))
@@ -353,20 +358,24 @@ async fn create(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, body: Bod
                     receive(field, &metadata_file, &mut fingerprinter, limit).await?;
                     seen_metadata = true;
                 }
-                "rootfs" if seen_metadata && rootfs_file.is_none() => {
+                "rootfs" if seen_metadata && rootfs_file.is_none() && !disk_part => {
                     let path = staging.join("upload.rootfs");
                     receive(field, &path, &mut fingerprinter, limit).await?;
                     rootfs_file = Some(path);
                 }
-                "rootfs.img" => {
-                    return Err(ApiError::bad_request(
-                        "virtual machine images (rootfs.img) are not supported yet",
-                    ))
+                machine::DISK_FILE if seen_metadata && rootfs_file.is_none() && !disk_part => {
+                    // Received straight into the unpacked image: it is kept as it came.
+                    std::fs::create_dir_all(&unpacked).map_err(|error| {
+                        ApiError::new(500, format!("cannot stage the upload: {error}"))
+                    })?;
+                    let path = unpacked.join(machine::DISK_FILE);
+                    receive(field, &path, &mut fingerprinter, limit).await?;
+                    disk_part = true;
                 }
                 other => {
                     return Err(ApiError::bad_request(format!(
                         "unexpected part \"{other}\" in the multipart upload: send \"metadata\" \
-                         first, then \"rootfs\""
+                         first, then \"rootfs\" (or \"rootfs.img\" for a VM image)"
                     )))
                 }
             }
@@ -396,12 +405,16 @@ async fn create(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, body: Bod
             format!("image with fingerprint {fingerprint} already exists"),
         ));
     }
-    let unpacked = staging.join("unpacked");
     let metadata = {
         let (unpacked, metadata_file, rootfs_file) =
             (unpacked.clone(), metadata_file.clone(), rootfs_file.clone());
         blocking(move || images::unpack(&unpacked, &metadata_file, rootfs_file.as_deref()))
             .await??
+    };
+    let kind = if machine::is_machine_image(&unpacked) {
+        machine::KIND
+    } else {
+        "container"
     };
     let directory = images::image_directory(&daemon.settings.images(), &fingerprint);
     if std::fs::rename(&unpacked, &directory).is_err() {
@@ -428,7 +441,7 @@ async fn create(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, body: Bod
         filename: filename.unwrap_or_default(),
         size,
         architecture: images::normalize_architecture(&metadata.architecture),
-        kind: "container".into(),
+        kind: kind.into(),
         properties,
         public,
         auto_update: false,
@@ -485,12 +498,17 @@ fn validate_alias_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn alias_view(alias: AliasRecord) -> ImageAliasesEntry {
+fn alias_view(daemon: &Daemon, alias: AliasRecord) -> ImageAliasesEntry {
+    let kind = daemon
+        .store
+        .image(&alias.fingerprint)
+        .map(|image| image.kind)
+        .unwrap_or_else(|_| "container".into());
     ImageAliasesEntry {
         name: alias.name,
         description: alias.description,
         target: alias.fingerprint,
-        kind: "container".into(),
+        kind,
     }
 }
 
@@ -511,7 +529,12 @@ async fn aliases(State(daemon): State<Arc<Daemon>>, query: Query) -> ApiResult {
             records.into_iter().map(|alias| alias.name),
         ));
     }
-    sync(records.into_iter().map(alias_view).collect::<Vec<_>>())
+    sync(
+        records
+            .into_iter()
+            .map(|alias| alias_view(&daemon, alias))
+            .collect::<Vec<_>>(),
+    )
 }
 
 async fn create_alias(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
@@ -538,7 +561,7 @@ async fn create_alias(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResul
 async fn alias(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
     let record = alias_record(&daemon, &name)?;
     let tag = json!({"description": record.description, "target": record.fingerprint});
-    sync_tagged(alias_view(record), &tag)
+    sync_tagged(alias_view(&daemon, record), &tag)
 }
 
 async fn update_alias(

@@ -208,16 +208,11 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
     if request.source.kind == "copy" {
         return create_copy(daemon, request).await;
     }
-    let virtual_machine = match request.kind.as_str() {
-        "" | "container" => false,
-        super::virtual_machines::KIND => true,
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "unknown instance type \"{other}\": use \"container\" or \"virtual-machine\""
-            )))
-        }
-    };
     let image = resolve_image(&daemon, &request.source)?;
+    let virtual_machine = super::virtual_machines::instance_is_machine(
+        &request.kind,
+        &daemon.store.image(&image)?.kind,
+    )?;
     let profiles = request
         .profiles
         .clone()

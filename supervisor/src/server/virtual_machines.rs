@@ -15,7 +15,27 @@ use crate::instances::vm::VmRuntime;
 use crate::instances::vm_launch;
 
 /// The instance type of a VM, as LXD spells it.
-pub const KIND: &str = "virtual-machine";
+pub const KIND: &str = crate::images::machine::KIND;
+
+/// Whether a new instance of type `requested` (empty: the image's) from an image of type
+/// `image_kind` is a VM. As LXD: a VM image makes only VMs. Unlike LXD, a container image
+/// makes a VM too (its rootfs becomes the VM's disk).
+pub fn instance_is_machine(requested: &str, image_kind: &str) -> Result<bool, ApiError> {
+    let image_is_machine = image_kind == KIND;
+    match requested {
+        "" => Ok(image_is_machine),
+        "container" if image_is_machine => Err(ApiError::bad_request(format!(
+            "Requested image's type \"{KIND}\" doesn't match instance type \"container\": a VM \
+             image holds a disk, not a root file system; launch it as a virtual machine \
+             (\"type\": \"{KIND}\", lxc launch IMAGE NAME --vm)"
+        ))),
+        "container" => Ok(false),
+        KIND => Ok(true),
+        other => Err(ApiError::bad_request(format!(
+            "unknown instance type \"{other}\": use \"container\" or \"{KIND}\""
+        ))),
+    }
+}
 
 fn machines(daemon: &Daemon) -> Result<&VmRuntime, ApiError> {
     daemon.runtime.virtual_machines().ok_or_else(|| {
@@ -124,4 +144,29 @@ pub async fn create(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_instance_type_follows_the_image_unless_asked() {
+        assert!(!instance_is_machine("", "container").unwrap());
+        assert!(instance_is_machine("", KIND).unwrap());
+        assert!(instance_is_machine(KIND, "container").unwrap());
+        assert!(instance_is_machine(KIND, KIND).unwrap());
+        assert!(!instance_is_machine("container", "container").unwrap());
+        let refused = instance_is_machine("container", KIND).unwrap_err();
+        assert_eq!(refused.status, 400);
+        assert!(
+            refused.message.contains("doesn't match"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(
+            instance_is_machine("pod", "container").unwrap_err().status,
+            400
+        );
+    }
 }

@@ -146,7 +146,10 @@ impl Daemon {
     /// Blocks (call it from `blocking`).
     pub fn image_on_pool(&self, pool: &str, fingerprint: &str) -> Result<PathBuf, DaemonError> {
         let rootfs = self.image_rootfs(fingerprint);
-        if self.pool_record(pool)?.driver != "btrfs" {
+        // A VM image has no rootfs to snapshot: its VMs' disks are made from its own disk.
+        let machine_image =
+            crate::images::machine::is_machine_image(rootfs.parent().unwrap_or(&rootfs));
+        if machine_image || self.pool_record(pool)?.driver != "btrfs" {
             return Ok(rootfs);
         }
         let images = self.pool_directory(pool).join("images");
