@@ -57,7 +57,13 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), DaemonError> {
 /// `2026-12-01T10:00:00.5+01:00`).
 pub fn parse_time(text: &str) -> Option<i64> {
     let bytes = text.as_bytes();
-    if bytes.len() < 20 || bytes[4] != b'-' || bytes[7] != b'-' || bytes[13] != b':' {
+    // ASCII only: the slicing below is by byte.
+    if !text.is_ascii()
+        || bytes.len() < 20
+        || bytes[4] != b'-'
+        || bytes[7] != b'-'
+        || bytes[13] != b':'
+    {
         return None;
     }
     if !matches!(bytes[10], b'T' | b't' | b' ') || bytes[16] != b':' {
