@@ -206,7 +206,7 @@ async fn create(State(daemon): State<Arc<Daemon>>, body: Body) -> ApiResult {
     config::validate_name(&request.name)
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
     if request.source.kind == "copy" {
-        return create_copy(daemon, request).await;
+        return super::snapshots::create_copy(daemon, request).await;
     }
     let image = resolve_image(&daemon, &request.source)?;
     let virtual_machine = super::virtual_machines::instance_is_machine(
@@ -358,7 +358,7 @@ async fn update(
             .strip_prefix(&prefix)
             .map(str::to_string)
             .unwrap_or(snapshot);
-        return restore(daemon, name, snapshot).await;
+        return super::snapshots::restore(daemon, name, snapshot).await;
     }
     let lock = daemon.instance_lock(&name);
     let _guard = lock.lock().await;
@@ -449,80 +449,6 @@ async fn patch(
 ) -> ApiResult {
     let request: InstancePut = json_body(body).await?;
     update(daemon, name, headers, request, true).await
-}
-
-/// `PUT /1.0/instances/<name>` with `restore`: an operation that brings back the snapshot's
-/// files and configuration (a running instance is stopped and started again around it).
-async fn restore(daemon: Arc<Daemon>, name: String, snapshot: String) -> ApiResult {
-    record(&daemon, &name)?;
-    daemon
-        .store
-        .snapshot(&name, &snapshot)
-        .map_err(|error| match error {
-            StoreError::NotFound { .. } => {
-                ApiError::not_found(format!("snapshot \"{name}/{snapshot}\" not found"))
-            }
-            other => other.into(),
-        })?;
-    let instance = name.clone();
-    super::snapshots::locked_task(
-        daemon,
-        "Restoring snapshot",
-        resources(&name),
-        name,
-        |daemon| async move { daemon.restore_snapshot_locked(&instance, &snapshot).await },
-    )
-}
-
-/// `POST /1.0/instances` with a `copy` source: the new instance's row now (its name taken, the
-/// request checked), its files in the operation.
-async fn create_copy(daemon: Arc<Daemon>, request: InstancesPost) -> ApiResult {
-    let (mut new_record, snapshot) = daemon.plan_copy(&request)?;
-    if request.start {
-        new_record.power = Power::Running;
-    }
-    daemon
-        .store
-        .create_instance(&new_record)
-        .map_err(|error| match error {
-            StoreError::AlreadyExists { .. } => {
-                ApiError::new(409, format!("instance \"{}\" already exists", request.name))
-            }
-            other => other.into(),
-        })?;
-    daemon.events.lifecycle(
-        "instance-created",
-        &instance_url(&request.name),
-        BTreeMap::from([("source".to_string(), json!(request.source.source))]),
-    );
-    let source = request
-        .source
-        .source
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let name = request.name.clone();
-    super::snapshots::locked_task(
-        daemon,
-        "Copying instance",
-        resources(&name),
-        name,
-        move |daemon| async move {
-            daemon
-                .copy_files_locked(
-                    &source,
-                    snapshot.as_deref(),
-                    &request.name,
-                    request.source.instance_only,
-                )
-                .await?;
-            if request.start {
-                daemon.start_locked(&request.name).await?;
-            }
-            Ok(())
-        },
-    )
 }
 
 async fn require_stopped(daemon: &Arc<Daemon>, name: &str, doing: &str) -> Result<(), ApiError> {

@@ -1,8 +1,8 @@
 //! `/1.0/instances/<name>/snapshots` and each snapshot: list, take, show, change the expiry,
-//! rename, delete; restoring is `PUT /1.0/instances/<name>` with `restore` (in `instances.rs`),
-//! copying is `POST /1.0/instances` with a `copy` source. The rules live in
-//! [`crate::snapshots`]; this file parses, refuses bad requests before any operation exists,
-//! and answers as LXD does (operations for take, rename and delete).
+//! rename, delete; and the two requests that `instances.rs` hands over: a restore (`PUT
+//! /1.0/instances/<name>` with `restore`) and a copy (`POST /1.0/instances` with a `copy`
+//! source). The rules live in [`crate::snapshots`]; this file parses, refuses bad requests
+//! before any operation exists, and answers as LXD does (with operations).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -13,17 +13,19 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::Router;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::{
     accepted, check_if_match, json_body, list_urls, ok, sync, sync_tagged, ApiError, ApiResult,
     Query,
 };
-use crate::api::types::{InstanceSnapshotPost, InstanceSnapshotPut, InstanceSnapshotsPost};
+use crate::api::types::{
+    InstanceSnapshotPost, InstanceSnapshotPut, InstanceSnapshotsPost, InstancesPost,
+};
 use crate::daemon::{instance_url, Daemon, DaemonError};
 use crate::operations::{Class, Operations};
 use crate::snapshots::snapshot_url;
-use crate::store::{SnapshotRecord, StoreError};
+use crate::store::{Power, SnapshotRecord, StoreError};
 
 /// Routes under `/1.0/instances` (and `/1.0/containers`).
 pub fn routes() -> Router<Arc<Daemon>> {
@@ -278,6 +280,80 @@ async fn delete(
             daemon
                 .delete_snapshot_locked(&instance, &snapshot_name)
                 .await
+        },
+    )
+}
+
+/// `PUT /1.0/instances/<name>` with `restore`: an operation that brings back the snapshot's
+/// files and configuration (a running instance is stopped and started again around it).
+pub async fn restore(daemon: Arc<Daemon>, name: String, snapshot: String) -> ApiResult {
+    instance(&daemon, &name)?;
+    daemon
+        .store
+        .snapshot(&name, &snapshot)
+        .map_err(|error| match error {
+            StoreError::NotFound { .. } => {
+                ApiError::not_found(format!("snapshot \"{name}/{snapshot}\" not found"))
+            }
+            other => other.into(),
+        })?;
+    let instance = name.clone();
+    locked_task(
+        daemon,
+        "Restoring snapshot",
+        super::instances::resources(&name),
+        name,
+        |daemon| async move { daemon.restore_snapshot_locked(&instance, &snapshot).await },
+    )
+}
+
+/// `POST /1.0/instances` with a `copy` source: the new instance's row now (its name taken, the
+/// request checked), its files in the operation.
+pub async fn create_copy(daemon: Arc<Daemon>, request: InstancesPost) -> ApiResult {
+    let (mut new_record, snapshot) = daemon.plan_copy(&request)?;
+    if request.start {
+        new_record.power = Power::Running;
+    }
+    daemon
+        .store
+        .create_instance(&new_record)
+        .map_err(|error| match error {
+            StoreError::AlreadyExists { .. } => {
+                ApiError::new(409, format!("instance \"{}\" already exists", request.name))
+            }
+            other => other.into(),
+        })?;
+    daemon.events.lifecycle(
+        "instance-created",
+        &instance_url(&request.name),
+        BTreeMap::from([("source".to_string(), json!(request.source.source))]),
+    );
+    let source = request
+        .source
+        .source
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let name = request.name.clone();
+    locked_task(
+        daemon,
+        "Copying instance",
+        super::instances::resources(&name),
+        name,
+        move |daemon| async move {
+            daemon
+                .copy_files_locked(
+                    &source,
+                    snapshot.as_deref(),
+                    &request.name,
+                    request.source.instance_only,
+                )
+                .await?;
+            if request.start {
+                daemon.start_locked(&request.name).await?;
+            }
+            Ok(())
         },
     )
 }

@@ -1,10 +1,10 @@
-//! Storage pools' removal and custom volumes' rows (the pools' other rows are in `mod.rs`).
+//! Storage pools' and custom volumes' rows.
 
 use std::collections::BTreeMap;
 
 use rusqlite::{params, OptionalExtension, Row};
 
-use super::{changed, json, parse, unique, Store, StoreError};
+use super::{changed, json, parse, unique, StoragePoolRecord, Store, StoreError};
 
 /// A custom volume on a pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +113,80 @@ impl Store {
             params![pool, name],
         )?;
         changed(rows, "storage volume", name)
+    }
+}
+
+struct RawPool {
+    name: String,
+    driver: String,
+    description: String,
+    config: String,
+}
+
+fn raw_pool(row: &Row<'_>) -> rusqlite::Result<RawPool> {
+    Ok(RawPool {
+        name: row.get(0)?,
+        driver: row.get(1)?,
+        description: row.get(2)?,
+        config: row.get(3)?,
+    })
+}
+
+impl RawPool {
+    fn decode(self) -> Result<StoragePoolRecord, StoreError> {
+        Ok(StoragePoolRecord {
+            config: parse(&self.config, "config", &self.name)?,
+            name: self.name,
+            driver: self.driver,
+            description: self.description,
+        })
+    }
+}
+
+impl Store {
+    pub fn create_storage_pool(&self, pool: &StoragePoolRecord) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "INSERT INTO storage_pools (name, driver, description, config) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![pool.name, pool.driver, pool.description, json(&pool.config)],
+            )
+            .map_err(unique("storage pool", &pool.name))?;
+        Ok(())
+    }
+
+    pub fn storage_pool(&self, name: &str) -> Result<StoragePoolRecord, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT name, driver, description, config FROM storage_pools WHERE name = ?1",
+                [name],
+                raw_pool,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "storage pool",
+                name: name.to_string(),
+            })?
+            .decode()
+    }
+
+    pub fn storage_pools(&self) -> Result<Vec<StoragePoolRecord>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT name, driver, description, config FROM storage_pools ORDER BY name",
+        )?;
+        let rows = statement
+            .query_map([], raw_pool)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(RawPool::decode).collect()
+    }
+
+    pub fn update_storage_pool(&self, pool: &StoragePoolRecord) -> Result<(), StoreError> {
+        let rows = self.lock().execute(
+            "UPDATE storage_pools SET description = ?2, config = ?3 WHERE name = ?1",
+            params![pool.name, pool.description, json(&pool.config)],
+        )?;
+        changed(rows, "storage pool", &pool.name)
     }
 }
 
