@@ -177,6 +177,26 @@ fn a_vm_on_kvm_pvm_is_refused_without_the_opt_in_key_and_nothing_is_left() {
     );
     assert_nothing_left(&coved, "big");
 
+    // A disk device besides the root: not something a VM takes yet, refused by name.
+    let response = coved.request(
+        "POST",
+        "/1.0/instances",
+        Some(json!({
+            "name": "disky", "type": "virtual-machine",
+            "source": {"type": "image", "alias": "busybox"},
+            "config": {OPT_IN: "true"},
+            "devices": {"data": {"type": "disk", "source": "/srv", "path": "/mnt"}},
+        })),
+    );
+    let body = response.json();
+    assert_eq!(response.status, 400, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("\"data\"") && message.contains("not supported on virtual machines"),
+        "{message}"
+    );
+    assert_nothing_left(&coved, "disky");
+
     if !host_is_kvm_pvm() {
         eprintln!("NOT RUNNABLE: this host has hardware virtualisation, where VMs need no opt-in");
         return;

@@ -456,6 +456,14 @@ impl Runtime for VmRuntime {
         if self.live_vmm(&spec.name).is_some() {
             return Err(RuntimeError::AlreadyRunning(spec.name.clone()));
         }
+        if let Some(disk) = spec.disks.first() {
+            return Err(RuntimeError::Failed(format!(
+                "virtual machine \"{}\" has a disk device at {}: disks other than the root are \
+                 not supported on virtual machines yet; remove the device",
+                spec.name,
+                disk.get("path").map(String::as_str).unwrap_or("?")
+            )));
+        }
         self.boot(spec)
     }
 

@@ -52,6 +52,15 @@ pub fn admit(
 ) -> Result<(), ApiError> {
     let machines = machines(daemon)?;
     let (expanded, expanded_devices) = daemon.expand(profiles, config, devices)?;
+    if let Some((device, _)) = expanded_devices.iter().find(|(_, device)| {
+        device.get("type").map(String::as_str) == Some("disk")
+            && device.get("path").map(String::as_str) != Some("/")
+    }) {
+        return Err(ApiError::bad_request(format!(
+            "disk device \"{device}\": disks other than the root are not supported on virtual \
+             machines yet; remove it or use a container"
+        )));
+    }
     let pool = crate::storage::placement::root_pool(&expanded_devices);
     if pool != "default" {
         return Err(ApiError::bad_request(format!(
