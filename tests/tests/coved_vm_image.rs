@@ -341,6 +341,26 @@ fn vm_images_import_with_lxc_and_cove_and_bad_disks_or_containers_are_refused() 
 }
 
 /// The address on the VM's eth0, as coved's state reports it.
+/// Stops the network's dnsmasq when the test ends, pass or fail: it outlives coved by design
+/// and would otherwise keep the test's network namespace alive. Holds coved's directory, which
+/// the dnsmasq command line names.
+struct StopDnsmasq(Option<PathBuf>);
+
+impl Drop for StopDnsmasq {
+    fn drop(&mut self) {
+        let Some(directory) = &self.0 else {
+            return;
+        };
+        for (pid, line) in processes_mentioning(&path(directory)) {
+            let program = line.split('\0').next().unwrap_or_default();
+            if program.ends_with("dnsmasq") {
+                // SAFETY: kill(2) takes no pointers; the pid is this test's dnsmasq.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+        }
+    }
+}
+
 fn address(coved: &Coved, name: &str) -> Option<Ipv4Addr> {
     let state = coved.get(&format!("/1.0/instances/{name}/state"));
     state["network"]["eth0"]["addresses"]
@@ -360,7 +380,10 @@ fn a_vm_from_a_vm_image_launches_with_lxc_and_gets_its_static_address_on_a_manag
         );
     }
     in_private_network(|| {
+        // Declared before coved, so that it runs after coved is gone and cannot restart it.
+        let mut stop_dnsmasq = StopDnsmasq(None);
         let coved = start_coved("vm-image-launch", &["--default-network", "covebr0"]);
+        stop_dnsmasq.0 = Some(coved.directory.clone());
         let files = vm_image_files(&coved.directory.join("vm-image"));
         coved.lxc_ok(&[
             "image",
