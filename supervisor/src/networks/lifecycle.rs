@@ -134,10 +134,12 @@ impl Networks {
         if let Some((pid, _)) = dnsmasq::running(name, &files, &[]) {
             dnsmasq::stop(&files, pid);
         }
-        host::remove_nat(name)?;
-        host::remove_bridge(name)?;
+        // Every step is tried, whatever failed before it: a NAT table that cannot be removed
+        // (nft missing) must not leave the bridge behind.
+        let nat = host::remove_nat(name);
+        let bridge = host::remove_bridge(name);
         let _ = std::fs::remove_dir_all(&files.directory);
-        Ok(())
+        nat.and(bridge)
     }
 }
 
