@@ -465,23 +465,14 @@ async fn require_stopped(daemon: &Arc<Daemon>, name: &str, doing: &str) -> Resul
 async fn delete(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
     record(&daemon, &name)?;
     require_stopped(&daemon, &name, "deleting").await?;
-    let operation = daemon.operations.create(
-        Class::Task,
+    let instance = name.clone();
+    super::locked_task(
+        daemon,
         "Deleting instance",
         resources(&name),
-        Value::Object(Default::default()),
-        false,
-    );
-    Operations::run(operation.clone(), async move {
-        let lock = daemon.instance_lock(&name);
-        let _guard = lock.lock().await;
-        daemon
-            .delete_locked(&name)
-            .await
-            .map_err(|error| error.to_string())?;
-        Ok(None)
-    });
-    accepted(&operation)
+        name,
+        |daemon| async move { daemon.delete_locked(&instance).await },
+    )
 }
 
 async fn rename(

@@ -20,7 +20,8 @@ mod virtual_machines;
 mod vm_console;
 mod vm_files;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -36,7 +37,7 @@ use serde_json::Value;
 
 use crate::api::types;
 use crate::daemon::{Daemon, DaemonError};
-use crate::operations::OperationHandle;
+use crate::operations::{Class, OperationHandle, Operations};
 use crate::store::StoreError;
 
 /// The largest JSON body accepted.
@@ -120,6 +121,37 @@ pub fn sync_tagged(metadata: impl Serialize, tagged: &impl Serialize) -> ApiResu
 /// An empty sync response.
 pub fn ok() -> ApiResult {
     sync(Value::Object(Default::default()))
+}
+
+/// Answers with an operation that runs `work` under the instance's lock (as every change of
+/// an instance runs), failing with its error's message.
+pub fn locked_task<F, Fut>(
+    daemon: Arc<Daemon>,
+    description: &str,
+    resources: BTreeMap<String, Vec<String>>,
+    instance: String,
+    work: F,
+) -> ApiResult
+where
+    F: FnOnce(Arc<Daemon>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), DaemonError>> + Send + 'static,
+{
+    let operation = daemon.operations.create(
+        Class::Task,
+        description,
+        resources,
+        Value::Object(Default::default()),
+        false,
+    );
+    Operations::run(operation.clone(), async move {
+        let lock = daemon.instance_lock(&instance);
+        let _guard = lock.lock().await;
+        work(daemon.clone())
+            .await
+            .map_err(|error| error.to_string())?;
+        Ok(None)
+    });
+    accepted(&operation)
 }
 
 /// HTTP 202 with the operation and its URL in `Location`.

@@ -5,7 +5,6 @@
 //! before any operation exists, and answers as LXD does (with operations).
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -22,8 +21,8 @@ use super::{
 use crate::api::types::{
     InstanceSnapshotPost, InstanceSnapshotPut, InstanceSnapshotsPost, InstancesPost,
 };
-use crate::daemon::{instance_url, Daemon, DaemonError};
-use crate::operations::{Class, Operations};
+use crate::daemon::{instance_url, Daemon};
+use crate::operations::Class;
 use crate::snapshots::snapshot_url;
 use crate::store::{Power, SnapshotRecord, StoreError};
 
@@ -54,37 +53,6 @@ fn resources(instance: &str, snapshot: &str) -> BTreeMap<String, Vec<String>> {
             vec![snapshot_url(instance, snapshot)],
         ),
     ])
-}
-
-/// Answers with an operation that runs `work` under the instance's lock (as every change of
-/// an instance runs), failing with its error's message.
-pub fn locked_task<F, Fut>(
-    daemon: Arc<Daemon>,
-    description: &str,
-    resources: BTreeMap<String, Vec<String>>,
-    instance: String,
-    work: F,
-) -> ApiResult
-where
-    F: FnOnce(Arc<Daemon>) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(), DaemonError>> + Send + 'static,
-{
-    let operation = daemon.operations.create(
-        Class::Task,
-        description,
-        resources,
-        Value::Object(Default::default()),
-        false,
-    );
-    Operations::run(operation.clone(), async move {
-        let lock = daemon.instance_lock(&instance);
-        let _guard = lock.lock().await;
-        work(daemon.clone())
-            .await
-            .map_err(|error| error.to_string())?;
-        Ok(None)
-    });
-    accepted(&operation)
 }
 
 fn instance(daemon: &Daemon, name: &str) -> Result<(), ApiError> {
@@ -163,7 +131,7 @@ async fn create(
     daemon.check_new_snapshot(&name, &request)?;
     let operation_resources = resources(&name, &request.name);
     let instance = name.clone();
-    locked_task(
+    super::locked_task(
         daemon,
         "Snapshotting instance",
         operation_resources,
@@ -248,7 +216,7 @@ async fn rename(
     }
     let operation_resources = resources(&name, &snapshot_name);
     let instance = name.clone();
-    locked_task(
+    super::locked_task(
         daemon,
         "Renaming snapshot",
         operation_resources,
@@ -271,7 +239,7 @@ async fn delete(
     snapshot(&daemon, &name, &snapshot_name)?;
     let operation_resources = resources(&name, &snapshot_name);
     let instance = name.clone();
-    locked_task(
+    super::locked_task(
         daemon,
         "Deleting snapshot",
         operation_resources,
@@ -298,7 +266,7 @@ pub async fn restore(daemon: Arc<Daemon>, name: String, snapshot: String) -> Api
             other => other.into(),
         })?;
     let instance = name.clone();
-    locked_task(
+    super::locked_task(
         daemon,
         "Restoring snapshot",
         super::instances::resources(&name),
@@ -336,7 +304,7 @@ pub async fn create_copy(daemon: Arc<Daemon>, request: InstancesPost) -> ApiResu
         .unwrap_or_default()
         .to_string();
     let name = request.name.clone();
-    locked_task(
+    super::locked_task(
         daemon,
         "Copying instance",
         super::instances::resources(&name),
