@@ -66,6 +66,54 @@ pub fn binaries() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// The `cove` CLI of this build profile, built once per test process.
+pub fn cove_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let profile = profile_directory();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let mut build = Command::new(cargo);
+        build.current_dir(crate::repository()).args([
+            "build",
+            "-p",
+            "cove-supervisor",
+            "--bin",
+            "cove",
+        ]);
+        if profile.file_name().is_some_and(|name| name == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "building cove failed: {status}");
+        let binary = profile.join("cove");
+        assert!(binary.exists(), "cove missing after the build");
+        binary
+    })
+}
+
+/// How long a test waits for a VM to boot under coved: a minute or more on kvm-pvm, and
+/// shared machines are slower.
+pub const VM_BOOT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// An operation whose streams are websockets (exec, console): its URL and secrets.
+pub struct WebsocketOperation {
+    pub url: String,
+    fds: Value,
+    socket: PathBuf,
+}
+
+impl WebsocketOperation {
+    /// Connects the websocket of `fd` (`0`, `1`, `2`, `control`).
+    pub fn connect(&self, fd: &str) -> tungstenite::WebSocket<UnixStream> {
+        let secret = self.fds[fd].as_str().expect("a secret for every fd");
+        let stream = UnixStream::connect(&self.socket).expect("connect for a websocket");
+        let url = format!("ws://cove{}/websocket?secret={secret}", self.url);
+        tungstenite::client::client(url.as_str(), stream)
+            .unwrap_or_else(|error| panic!("websocket {fd}: {error}"))
+            .0
+    }
+}
+
 /// An HTTP response.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
@@ -199,6 +247,54 @@ impl Coved {
         };
         coved.spawn();
         coved
+    }
+
+    /// Starts coved with the VM pieces of this build named explicitly (cove-vmm, the static
+    /// agent, the project kernel), then `arguments`.
+    pub fn start_with_vms(test: &str, arguments: &[&str]) -> Self {
+        crate::require_kvm();
+        let path = |path: &Path| path.to_str().expect("UTF-8 path").to_string();
+        let mut all = vec![
+            "--vmm".to_string(),
+            path(&crate::cove_vmm()),
+            "--vm-agent".to_string(),
+            path(crate::cove_agent()),
+            "--vm-kernel".to_string(),
+            path(crate::project_kernel()),
+            "--vm-ready-timeout".to_string(),
+            VM_BOOT_TIMEOUT.as_secs().to_string(),
+        ];
+        all.extend(arguments.iter().map(|argument| argument.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        Self::start(test, &all)
+    }
+
+    /// Runs `cove --dir <this coved's directory> ARGUMENTS` with no stdin.
+    pub fn cove(&self, arguments: &[&str]) -> Output {
+        Command::new(cove_binary())
+            .arg("--dir")
+            .arg(&self.directory)
+            .args(arguments)
+            .env_remove("COVE_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cove")
+    }
+
+    /// POSTs `body` to `path` (an exec or console attach), which must answer with a
+    /// websocket operation.
+    pub fn websocket_operation(&self, path: &str, body: Value) -> WebsocketOperation {
+        let response = self.request("POST", path, Some(body));
+        let answer = response.json();
+        assert_eq!(response.status, 202, "{path}: {answer}");
+        WebsocketOperation {
+            url: answer["operation"]
+                .as_str()
+                .expect("an operation")
+                .to_string(),
+            fds: answer["metadata"]["metadata"]["fds"].clone(),
+            socket: self.socket(),
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -401,29 +497,14 @@ impl Coved {
     /// Runs a command over websockets as `lxc exec` does (non-interactive); returns the exit
     /// code, stdout and stderr.
     pub fn exec(&self, name: &str, command: &[&str], stdin: &[u8]) -> (i64, String, String) {
-        let response = self.request(
-            "POST",
+        let operation = self.websocket_operation(
             &format!("/1.0/instances/{name}/exec"),
-            Some(json!({
+            json!({
                 "command": command, "wait-for-websocket": true, "interactive": false,
                 "environment": {"GREETING": "hello"},
-            })),
+            }),
         );
-        let body = response.json();
-        assert_eq!(response.status, 202, "exec: {body}");
-        let operation = body["operation"]
-            .as_str()
-            .expect("an operation")
-            .to_string();
-        let fds = body["metadata"]["metadata"]["fds"].clone();
-        let connect = |fd: &str| {
-            let secret = fds[fd].as_str().expect("a secret for every fd");
-            let stream = UnixStream::connect(self.socket()).expect("connect for a websocket");
-            let url = format!("ws://cove{operation}/websocket?secret={secret}");
-            tungstenite::client::client(url.as_str(), stream)
-                .unwrap_or_else(|error| panic!("websocket {fd}: {error}"))
-                .0
-        };
+        let connect = |fd: &str| operation.connect(fd);
         let mut input = connect("0");
         let outputs: Vec<_> = ["1", "2"]
             .iter()
@@ -452,7 +533,8 @@ impl Coved {
             .send(tungstenite::Message::Text("".into()))
             .expect("send end-of-file");
         let done = self.get(&format!(
-            "{operation}/wait?timeout={}",
+            "{}/wait?timeout={}",
+            operation.url,
             OPERATION_TIMEOUT.as_secs()
         ));
         assert_eq!(done["status"], "Success", "exec failed: {done}");

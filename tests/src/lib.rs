@@ -40,6 +40,21 @@ pub fn cove_vmm() -> PathBuf {
     binary
 }
 
+/// The project's guest kernel of this host's flavour (`resources/build-kernel`), built once
+/// per machine.
+pub fn project_kernel() -> &'static Path {
+    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
+    KERNEL.get_or_init(|| built_by("resources/build-kernel", &[]))
+}
+
+/// The release the kernel build recorded beside the vmlinux (`kernelrelease=` in build-info).
+pub fn kernel_release(kernel: &Path) -> Option<String> {
+    let info = std::fs::read_to_string(kernel.with_file_name("build-info")).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("kernelrelease="))
+        .map(str::to_string)
+}
+
 /// Fails the test with a clear message when this machine cannot run VMs.
 pub fn require_kvm() {
     if let Err(error) = std::fs::OpenOptions::new()

@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use agent_suite::Target;
 use cove_agent::client::{self, Attributes, Client, Endpoint};
 use cove_agent::protocol::{FileKind, PowerAction, DEFAULT_ANNOUNCE_PORT, DEFAULT_PORT};
-use cove_tests::{built_by, cove_agent, host_is_kvm_pvm, require_kvm, scratch_dir, Vmm};
+use cove_tests::{
+    built_by, cove_agent, host_is_kvm_pvm, kernel_release, project_kernel, require_kvm,
+    scratch_dir, Vmm,
+};
 
 /// Generous: on kvm-pvm a boot takes about a minute, and CI machines are shared.
 const LINUX_TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -30,19 +33,11 @@ fn path(path: &Path) -> String {
     path.to_str().expect("UTF-8 path").to_string()
 }
 
-/// The release the kernel build recorded beside the vmlinux (`kernelrelease=` in build-info).
-fn kernel_release(kernel: &Path) -> Option<String> {
-    let info = std::fs::read_to_string(kernel.with_file_name("build-info")).ok()?;
-    info.lines()
-        .find_map(|line| line.strip_prefix("kernelrelease="))
-        .map(str::to_string)
-}
-
 #[test]
 fn agent_as_init_of_a_microvm_serves_the_host_over_vsock() {
     require_kvm();
     let started = Instant::now();
-    let kernel = built_by("resources/build-kernel", &[]);
+    let kernel = project_kernel();
     let agent = cove_agent();
     let initramfs = built_by(
         "resources/build-agent-initramfs",
@@ -59,7 +54,7 @@ fn agent_as_init_of_a_microvm_serves_the_host_over_vsock() {
     let vmm_started = Instant::now();
     let vmm = Vmm::start(&[
         "--kernel",
-        &path(&kernel),
+        &path(kernel),
         "--initramfs",
         &path(&initramfs),
         "--cpus",
@@ -114,7 +109,7 @@ fn agent_as_init_of_a_microvm_serves_the_host_over_vsock() {
         version.starts_with(&format!("Linux version {} ", boot.kernel)),
         "{version:?}"
     );
-    if let Some(release) = kernel_release(&kernel) {
+    if let Some(release) = kernel_release(kernel) {
         assert_eq!(
             boot.kernel, release,
             "the guest runs the kernel that was built"

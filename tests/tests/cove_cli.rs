@@ -7,9 +7,8 @@
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use cove_tests::coved::{busybox_unified_tarball, Coved};
@@ -17,39 +16,9 @@ use serde_json::Value;
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The `cove` binary of this build profile, built once per test process.
-fn cove_binary() -> &'static PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let profile = std::env::current_exe()
-            .expect("the test binary knows its path")
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let mut build = Command::new(cargo);
-        build.current_dir(cove_tests::repository()).args([
-            "build",
-            "-p",
-            "cove-supervisor",
-            "--bin",
-            "cove",
-        ]);
-        if profile.file_name().is_some_and(|name| name == "release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "building cove failed: {status}");
-        let binary = profile.join("cove");
-        assert!(binary.exists(), "cove missing after the build");
-        binary
-    })
-}
-
 /// Runs `cove --dir DIRECTORY ARGUMENTS` with `stdin`; kills it after a timeout.
 fn cove_in(directory: &Path, arguments: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(cove_binary())
+    let mut child = Command::new(cove_tests::coved::cove_binary())
         .arg("--dir")
         .arg(directory)
         .args(arguments)
@@ -84,7 +53,7 @@ fn cove_in(directory: &Path, arguments: &[&str], stdin: &[u8]) -> Output {
 fn cove_on_terminal(directory: &Path, arguments: &[&str]) -> Output {
     let quote = |word: &str| format!("'{}'", word.replace('\'', "'\\''"));
     let mut line = vec![
-        quote(&cove_binary().to_string_lossy()),
+        quote(&cove_tests::coved::cove_binary().to_string_lossy()),
         "--dir".to_string(),
         quote(&directory.to_string_lossy()),
     ];

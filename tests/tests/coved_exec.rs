@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use cove_tests::container::BOOT_MARKER;
-use cove_tests::coved::{busybox_unified_tarball, eventually, Coved};
+use cove_tests::coved::{busybox_unified_tarball, eventually, Coved, WebsocketOperation};
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
@@ -21,29 +21,9 @@ fn booted(coved: &Coved, name: &str) {
     });
 }
 
-/// Starts an exec; returns its operation and its websockets' secrets.
-fn start_exec(coved: &Coved, name: &str, request: Value) -> (String, Value) {
-    let response = coved.request(
-        "POST",
-        &format!("/1.0/instances/{name}/exec"),
-        Some(request),
-    );
-    let body = response.json();
-    assert_eq!(response.status, 202, "exec: {body}");
-    let operation = body["operation"]
-        .as_str()
-        .expect("an operation")
-        .to_string();
-    (operation, body["metadata"]["metadata"]["fds"].clone())
-}
-
-fn connect(coved: &Coved, operation: &str, fds: &Value, fd: &str) -> WebSocket<UnixStream> {
-    let secret = fds[fd].as_str().expect("a secret for every fd");
-    let stream = UnixStream::connect(coved.socket()).expect("connect for a websocket");
-    let url = format!("ws://cove{operation}/websocket?secret={secret}");
-    tungstenite::client::client(url.as_str(), stream)
-        .unwrap_or_else(|error| panic!("websocket {fd}: {error}"))
-        .0
+/// Starts an exec; returns its websocket operation.
+fn start_exec(coved: &Coved, name: &str, request: Value) -> WebsocketOperation {
+    coved.websocket_operation(&format!("/1.0/instances/{name}/exec"), request)
 }
 
 /// Reads what a websocket already holds, without waiting for more; returns the data and
@@ -86,7 +66,7 @@ fn exec_websockets_close_once_the_command_is_done_and_a_gone_client_ends_it() {
     // Interactive: websocket 0 closes (a normal close frame) once the command exited and its
     // output is drained, and only then does the operation complete: when `/wait` returns,
     // the output and the close frame are already waiting on the socket.
-    let (operation, fds) = start_exec(
+    let operation = start_exec(
         &coved,
         "shell",
         json!({
@@ -94,9 +74,9 @@ fn exec_websockets_close_once_the_command_is_done_and_a_gone_client_ends_it() {
             "interactive": true, "width": 80, "height": 24,
         }),
     );
-    let mut terminal = connect(&coved, &operation, &fds, "0");
-    let _control = connect(&coved, &operation, &fds, "control");
-    let done = coved.get(&format!("{operation}/wait?timeout=60"));
+    let mut terminal = operation.connect("0");
+    let _control = operation.connect("control");
+    let done = coved.get(&format!("{}/wait?timeout=60", operation.url));
     assert_eq!(done["status"], "Success", "{done}");
     assert_eq!(done["metadata"]["return"], 7, "{done}");
     let (output, closed) = read_waiting(&mut terminal);
@@ -109,7 +89,7 @@ fn exec_websockets_close_once_the_command_is_done_and_a_gone_client_ends_it() {
 
     // Non-interactive: 1 and 2 close at their end-of-file, 0 once the command exited, and
     // all before the operation completes.
-    let (operation, fds) = start_exec(
+    let operation = start_exec(
         &coved,
         "shell",
         json!({
@@ -119,9 +99,9 @@ fn exec_websockets_close_once_the_command_is_done_and_a_gone_client_ends_it() {
     );
     let mut sockets: Vec<_> = ["0", "1", "2"]
         .into_iter()
-        .map(|fd| connect(&coved, &operation, &fds, fd))
+        .map(|fd| operation.connect(fd))
         .collect();
-    let done = coved.get(&format!("{operation}/wait?timeout=60"));
+    let done = coved.get(&format!("{}/wait?timeout=60", operation.url));
     assert_eq!(done["metadata"]["return"], 4, "{done}");
     let (out, out_closed) = read_waiting(&mut sockets[1]);
     let (err, err_closed) = read_waiting(&mut sockets[2]);
@@ -132,19 +112,19 @@ fn exec_websockets_close_once_the_command_is_done_and_a_gone_client_ends_it() {
 
     // An interactive client that goes away: the command gets the terminal's hangup, the
     // operation ends, and the command is gone from the container.
-    let (operation, fds) = start_exec(
+    let operation = start_exec(
         &coved,
         "shell",
         json!({
             "command": ["sleep", "4242"], "wait-for-websocket": true, "interactive": true,
         }),
     );
-    let terminal = connect(&coved, &operation, &fds, "0");
+    let terminal = operation.connect("0");
     eventually("sleep runs", Duration::from_secs(20), || {
         !container_processes(&coved, "shell", "sleep 4242").is_empty()
     });
     drop(terminal);
-    let done = coved.get(&format!("{operation}/wait?timeout=60"));
+    let done = coved.get(&format!("{}/wait?timeout=60", operation.url));
     assert_ne!(done["status"], "Running", "{done}");
     assert!(
         container_processes(&coved, "shell", "sleep 4242").is_empty(),
@@ -152,7 +132,7 @@ fn exec_websockets_close_once_the_command_is_done_and_a_gone_client_ends_it() {
     );
 
     // A piped command whose client went away (no stdin, nobody reading) is killed too.
-    let (operation, fds) = start_exec(
+    let operation = start_exec(
         &coved,
         "shell",
         json!({
@@ -161,13 +141,13 @@ fn exec_websockets_close_once_the_command_is_done_and_a_gone_client_ends_it() {
     );
     let sockets: Vec<_> = ["0", "1", "2"]
         .into_iter()
-        .map(|fd| connect(&coved, &operation, &fds, fd))
+        .map(|fd| operation.connect(fd))
         .collect();
     eventually("sleep runs", Duration::from_secs(20), || {
         !container_processes(&coved, "shell", "sleep 4343").is_empty()
     });
     drop(sockets);
-    let done = coved.get(&format!("{operation}/wait?timeout=60"));
+    let done = coved.get(&format!("{}/wait?timeout=60", operation.url));
     assert_ne!(done["status"], "Running", "{done}");
     assert!(
         container_processes(&coved, "shell", "sleep 4343").is_empty(),

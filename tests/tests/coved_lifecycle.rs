@@ -4,7 +4,6 @@
 //! containers under real cove-shim monitors; run as root. The bridged nic's test runs coved in
 //! a network namespace of the test's own, never on the host's network.
 
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use cove_tests::container::{in_private_network, BOOT_MARKER, BRIDGE};
@@ -120,28 +119,13 @@ fn a_signal_on_the_control_websocket_ends_the_command() {
     coved.launch("sleeper", "busybox", json!({}));
     booted(&coved, "sleeper");
 
-    let response = coved.request(
-        "POST",
+    let operation = coved.websocket_operation(
         "/1.0/instances/sleeper/exec",
-        Some(json!({
+        json!({
             "command": ["sleep", "100"], "wait-for-websocket": true, "interactive": false,
-        })),
+        }),
     );
-    assert_eq!(response.status, 202, "{}", response.json());
-    let body = response.json();
-    let operation = body["operation"]
-        .as_str()
-        .expect("an operation")
-        .to_string();
-    let fds = body["metadata"]["metadata"]["fds"].clone();
-    let connect = |fd: &str| {
-        let secret = fds[fd].as_str().expect("a secret for every fd");
-        let stream = UnixStream::connect(coved.socket()).expect("connect for a websocket");
-        let url = format!("ws://cove{operation}/websocket?secret={secret}");
-        tungstenite::client::client(url.as_str(), stream)
-            .unwrap_or_else(|error| panic!("websocket {fd}: {error}"))
-            .0
-    };
+    let connect = |fd: &str| operation.connect(fd);
     let mut control = connect("control");
     let _streams: Vec<_> = ["0", "1", "2"].into_iter().map(connect).collect();
     // The command runs once 0, 1 and 2 are connected; give sleep a moment to be exec'd.
@@ -154,7 +138,7 @@ fn a_signal_on_the_control_websocket_ends_the_command() {
                 .into(),
         ))
         .expect("send the signal");
-    let done = coved.get(&format!("{operation}/wait?timeout=60"));
+    let done = coved.get(&format!("{}/wait?timeout=60", operation.url));
     assert_eq!(done["status"], "Success", "{done}");
     assert_eq!(done["metadata"]["return"], 143, "{done}");
     assert!(started.elapsed() < Duration::from_secs(20), "sleep ran on");

@@ -12,91 +12,21 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use cove_tests::container::{in_private_network, ip, BRIDGE};
 use cove_tests::coved::{
-    busybox_unified_tarball, debian_tarball, http, processes_mentioning, Coved,
+    busybox_unified_tarball, debian_tarball, http, processes_mentioning, Coved, VM_BOOT_TIMEOUT,
 };
-use cove_tests::{built_by, cove_agent, cove_vmm, host_is_kvm_pvm, require_kvm, scratch_dir};
+use cove_tests::{
+    cove_agent, cove_vmm, host_is_kvm_pvm, kernel_release, project_kernel, require_kvm, scratch_dir,
+};
 use serde_json::{json, Value};
 
-/// A boot on kvm-pvm takes a minute or more; shared machines are slower.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const OPT_IN: &str = "boot.allow_emulated_kvm";
 
 fn path(path: &Path) -> String {
     path.to_str().expect("UTF-8 path").to_string()
-}
-
-/// The project kernel of this host's flavour, built once per machine.
-fn kernel() -> &'static Path {
-    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
-    KERNEL.get_or_init(|| built_by("resources/build-kernel", &[]))
-}
-
-/// The release the kernel build recorded beside the vmlinux.
-fn kernel_release(kernel: &Path) -> String {
-    let info = std::fs::read_to_string(kernel.with_file_name("build-info")).expect("build-info");
-    info.lines()
-        .find_map(|line| line.strip_prefix("kernelrelease="))
-        .expect("kernelrelease= in build-info")
-        .to_string()
-}
-
-/// coved with the VM pieces named explicitly: cove-vmm of this build, the static agent, the
-/// project kernel.
-fn start_coved(test: &str) -> Coved {
-    require_kvm();
-    let vmm = cove_vmm();
-    let agent = cove_agent();
-    Coved::start(
-        test,
-        &[
-            "--vmm",
-            &path(&vmm),
-            "--vm-agent",
-            &path(agent),
-            "--vm-kernel",
-            &path(kernel()),
-            "--vm-ready-timeout",
-            &BOOT_TIMEOUT.as_secs().to_string(),
-        ],
-    )
-}
-
-/// The `cove` CLI of this build profile.
-fn cove_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let (coved, _) = cove_tests::coved::binaries();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let mut build = Command::new(cargo);
-        build.current_dir(cove_tests::repository()).args([
-            "build",
-            "-p",
-            "cove-supervisor",
-            "--bin",
-            "cove",
-        ]);
-        if coved.parent().and_then(Path::file_name) == Some("release".as_ref()) {
-            build.arg("--release");
-        }
-        assert!(build.status().expect("run cargo build").success());
-        coved.with_file_name("cove")
-    })
-}
-
-fn cove(coved: &Coved, arguments: &[&str]) -> Output {
-    Command::new(cove_binary())
-        .arg("--dir")
-        .arg(&coved.directory)
-        .args(arguments)
-        .env_remove("COVE_DIR")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run cove")
 }
 
 fn text(output: &Output) -> String {
@@ -155,7 +85,7 @@ fn import_busybox(coved: &Coved) {
 #[test]
 fn a_vm_on_kvm_pvm_is_refused_without_the_opt_in_key_and_nothing_is_left() {
     require_kvm();
-    let coved = start_coved("vm-refused");
+    let coved = Coved::start_with_vms("vm-refused", &[]);
     import_busybox(&coved);
 
     // More memory than the host has: refused with both figures, on any host.
@@ -220,7 +150,7 @@ fn a_vm_on_kvm_pvm_is_refused_without_the_opt_in_key_and_nothing_is_left() {
     );
     assert_nothing_left(&coved, "vm1");
 
-    let output = cove(&coved, &["launch", "busybox", "vm2", "--vm"]);
+    let output = coved.cove(&["launch", "busybox", "vm2", "--vm"]);
     assert!(!output.status.success(), "{}", text(&output));
     assert!(text(&output).contains(OPT_IN), "{}", text(&output));
     assert_nothing_left(&coved, "vm2");
@@ -299,7 +229,7 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
             "config": {OPT_IN: "true", "limits.cpu": "2", "limits.memory": "512MiB"},
         })),
     );
-    let launched = wait_long(coved, &response, BOOT_TIMEOUT);
+    let launched = wait_long(coved, &response, VM_BOOT_TIMEOUT);
     assert_eq!(
         launched["status"],
         "Success",
@@ -315,7 +245,10 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
     // The guest runs the project kernel, and exit codes come back.
     let (code, stdout, stderr) = coved.exec(name, &["uname", "-r"], b"");
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(stdout.trim(), kernel_release(kernel()));
+    assert_eq!(
+        stdout.trim(),
+        kernel_release(project_kernel()).expect("kernelrelease= in build-info")
+    );
     let (code, _, _) = coved.exec(name, &["sh", "-c", "exit 7"], b"");
     assert_eq!(code, 7);
     let (code, stdout, _) = coved.exec(name, &["cat"], b"through stdin\n");
@@ -377,7 +310,10 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
     let info = coved.lxc_ok(&["info", name]);
     assert!(info.contains("Status: RUNNING"), "{info}");
     let released = coved.lxc_ok(&["exec", name, "--", "uname", "-r"]);
-    assert_eq!(released.trim(), kernel_release(kernel()));
+    assert_eq!(
+        released.trim(),
+        kernel_release(project_kernel()).expect("kernelrelease= in build-info")
+    );
     let scratch = scratch_dir("coved-vm-lxc-files");
     std::fs::write(scratch.join("sent"), "through lxc\n").expect("write a local file");
     coved.lxc_ok(&[
@@ -455,7 +391,7 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
         &format!("/1.0/instances/{name}/state"),
         Some(json!({"action": "restart", "timeout": 600})),
     );
-    let restarted = wait_long(coved, &response, BOOT_TIMEOUT);
+    let restarted = wait_long(coved, &response, VM_BOOT_TIMEOUT);
     assert_eq!(restarted["status"], "Success", "restart: {restarted}");
     let again = state(coved, name);
     assert_eq!(again["status"], "Running", "{again}");
@@ -475,7 +411,7 @@ fn vm_story(coved: &mut Coved, alias: &str, shutdown_line: Option<&str>) {
         &format!("/1.0/instances/{name}/state"),
         Some(json!({"action": "stop", "timeout": 600})),
     );
-    let stopped = wait_long(coved, &response, BOOT_TIMEOUT);
+    let stopped = wait_long(coved, &response, VM_BOOT_TIMEOUT);
     assert_eq!(stopped["status"], "Success", "stop: {stopped}");
     assert_eq!(coved.status(name), "Stopped");
     assert!(vmm_processes(coved).is_empty(), "cove-vmm ended");
@@ -504,25 +440,12 @@ type Socket = tungstenite::WebSocket<UnixStream>;
 
 /// `POST /console` and its two websockets, as `lxc console` opens them.
 fn attach_console(coved: &Coved, name: &str) -> (Socket, Socket) {
-    let response = coved.request(
-        "POST",
+    let operation = coved.websocket_operation(
         &format!("/1.0/instances/{name}/console"),
-        Some(json!({"type": "console", "width": 80, "height": 24})),
+        json!({"type": "console", "width": 80, "height": 24}),
     );
-    let body = response.json();
-    assert_eq!(response.status, 202, "console: {body}");
-    let operation = body["operation"]
-        .as_str()
-        .expect("an operation")
-        .to_string();
-    let fds = body["metadata"]["metadata"]["fds"].clone();
     let connect = |fd: &str| {
-        let secret = fds[fd].as_str().expect("a secret for every fd");
-        let stream = UnixStream::connect(coved.socket()).expect("connect for a websocket");
-        let url = format!("ws://cove{operation}/websocket?secret={secret}");
-        let socket = tungstenite::client::client(url.as_str(), stream)
-            .unwrap_or_else(|error| panic!("websocket {fd}: {error}"))
-            .0;
+        let socket = operation.connect(fd);
         socket
             .get_ref()
             .set_read_timeout(Some(Duration::from_millis(500)))
@@ -577,29 +500,14 @@ fn console_reaches_the_guest(coved: &Coved, name: &str) {
 /// An interactive exec (`interactive: true`, as `lxc exec` on a terminal) runs on a pty in the
 /// guest, of the size the client gave, and its exit code comes back.
 fn a_terminal_exec_gets_a_pty_of_its_size(coved: &Coved, name: &str) {
-    let response = coved.request(
-        "POST",
+    let operation = coved.websocket_operation(
         &format!("/1.0/instances/{name}/exec"),
-        Some(json!({
+        json!({
             "command": ["sh", "-c", "tty; stty size; exit 5"], "wait-for-websocket": true,
             "interactive": true, "width": 100, "height": 30,
-        })),
+        }),
     );
-    let body = response.json();
-    assert_eq!(response.status, 202, "exec: {body}");
-    let operation = body["operation"]
-        .as_str()
-        .expect("an operation")
-        .to_string();
-    let fds = body["metadata"]["metadata"]["fds"].clone();
-    let connect = |fd: &str| {
-        let secret = fds[fd].as_str().expect("a secret for every fd");
-        let stream = UnixStream::connect(coved.socket()).expect("connect for a websocket");
-        let url = format!("ws://cove{operation}/websocket?secret={secret}");
-        tungstenite::client::client(url.as_str(), stream)
-            .unwrap_or_else(|error| panic!("websocket {fd}: {error}"))
-            .0
-    };
+    let connect = |fd: &str| operation.connect(fd);
     let mut terminal = connect("0");
     let _control = connect("control");
     let mut output = Vec::new();
@@ -610,7 +518,7 @@ fn a_terminal_exec_gets_a_pty_of_its_size(coved: &Coved, name: &str) {
             _ => {}
         }
     }
-    let done = coved.get(&format!("{operation}/wait?timeout=120"));
+    let done = coved.get(&format!("{}/wait?timeout=120", operation.url));
     assert_eq!(done["metadata"]["return"], 5, "{done}");
     let output = String::from_utf8_lossy(&output).into_owned();
     assert!(output.contains("/dev/pts/"), "a pty: {output:?}");
@@ -620,7 +528,7 @@ fn a_terminal_exec_gets_a_pty_of_its_size(coved: &Coved, name: &str) {
 #[test]
 fn a_busybox_vm_launches_execs_keeps_files_survives_coved_and_stops_cleanly() {
     require_kvm();
-    let mut coved = start_coved("vm-busybox");
+    let mut coved = Coved::start_with_vms("vm-busybox", &[]);
     import_busybox(&coved);
     vm_story(
         &mut coved,
@@ -639,7 +547,7 @@ fn a_debian_vm_boots_systemd_and_runs_the_same_story() {
         );
         return;
     }
-    let mut coved = start_coved("vm-debian");
+    let mut coved = Coved::start_with_vms("vm-debian", &[]);
     let scratch = scratch_dir("coved-vm-debian-image");
     let tarball = debian_tarball(&scratch);
     coved.import_image(&tarball, "debian");
@@ -651,7 +559,7 @@ fn a_debian_vm_boots_systemd_and_runs_the_same_story() {
 fn a_vm_nic_is_a_tap_on_its_bridge_and_a_failed_start_leaves_nothing() {
     require_kvm();
     in_private_network(|| {
-        let coved = start_coved("vm-network");
+        let coved = Coved::start_with_vms("vm-network", &[]);
         import_busybox(&coved);
 
         // A start that fails (no such bridge) takes the whole new instance with it.
@@ -665,7 +573,7 @@ fn a_vm_nic_is_a_tap_on_its_bridge_and_a_failed_start_leaves_nothing() {
                 "devices": {"eth0": {"type": "nic", "nictype": "bridged", "parent": "nosuchbr0"}},
             })),
         );
-        let failed = wait_long(&coved, &response, BOOT_TIMEOUT);
+        let failed = wait_long(&coved, &response, VM_BOOT_TIMEOUT);
         assert_eq!(failed["status"], "Failure", "{failed}");
         assert!(
             failed["err"]
@@ -691,7 +599,7 @@ fn a_vm_nic_is_a_tap_on_its_bridge_and_a_failed_start_leaves_nothing() {
                 }},
             })),
         );
-        let launched = wait_long(&coved, &response, BOOT_TIMEOUT);
+        let launched = wait_long(&coved, &response, VM_BOOT_TIMEOUT);
         assert_eq!(launched["status"], "Success", "{launched}\n{}", coved.log());
         let on_bridge = ip(&["-o", "link", "show", "master", BRIDGE]);
         assert!(
@@ -742,7 +650,7 @@ fn pylxd_drives_a_vm() {
     require_kvm();
     // coved finds cove-vmm, the static agent and the kernel by itself here (beside it, in its
     // target directory, in the kernel cache); they only have to be built.
-    let _ = (cove_vmm(), cove_agent(), kernel());
+    let _ = (cove_vmm(), cove_agent(), project_kernel());
     let coved = Coved::start("vm-pylxd", &[]);
     let scratch = scratch_dir("vm-pylxd-image");
     let tarball = busybox_unified_tarball(&scratch);
@@ -754,7 +662,7 @@ fn pylxd_drives_a_vm() {
         .arg(if host_is_kvm_pvm() { "1" } else { "0" })
         .env("LXD_DIR", &coved.directory)
         .stdin(Stdio::null());
-    let output = cove_tests::container_monitor::run_with_timeout(command, BOOT_TIMEOUT);
+    let output = cove_tests::container_monitor::run_with_timeout(command, VM_BOOT_TIMEOUT);
     let _ = std::fs::remove_dir_all(&scratch);
     assert!(
         output.status.success(),

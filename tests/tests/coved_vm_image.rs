@@ -15,17 +15,13 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::process::{Command, Output};
 
 use cove_tests::container::{busybox_image, in_private_network, require_root};
 use cove_tests::coved::{processes_mentioning, Coved};
-use cove_tests::{built_by, cove_agent, cove_vmm, host_is_kvm_pvm, require_kvm};
+use cove_tests::{host_is_kvm_pvm, kernel_release, project_kernel, require_kvm};
 use serde_json::{json, Value};
 
-/// A boot on kvm-pvm takes a minute or more; shared machines are slower.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const OPT_IN: &str = "boot.allow_emulated_kvm";
 
 /// What busybox's `udhcpc` runs with the lease: the address and the default route.
@@ -41,39 +37,6 @@ esac
 
 fn path(path: &Path) -> String {
     path.to_str().expect("UTF-8 path").to_string()
-}
-
-fn kernel() -> &'static Path {
-    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
-    KERNEL.get_or_init(|| built_by("resources/build-kernel", &[]))
-}
-
-fn kernel_release(kernel: &Path) -> String {
-    let info = std::fs::read_to_string(kernel.with_file_name("build-info")).expect("build-info");
-    info.lines()
-        .find_map(|line| line.strip_prefix("kernelrelease="))
-        .expect("kernelrelease= in build-info")
-        .to_string()
-}
-
-/// coved with the VM pieces named explicitly, and `extra` arguments.
-fn start_coved(test: &str, extra: &[&str]) -> Coved {
-    require_kvm();
-    let vmm = cove_vmm();
-    let agent = cove_agent();
-    let mut arguments = vec![
-        "--vmm".to_string(),
-        path(&vmm),
-        "--vm-agent".to_string(),
-        path(agent),
-        "--vm-kernel".to_string(),
-        path(kernel()),
-        "--vm-ready-timeout".to_string(),
-        BOOT_TIMEOUT.as_secs().to_string(),
-    ];
-    arguments.extend(extra.iter().map(|argument| argument.to_string()));
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    Coved::start(test, &arguments)
 }
 
 fn run(command: &mut Command) {
@@ -152,39 +115,6 @@ fn sha256_of(files: &[&Path]) -> String {
         .to_string()
 }
 
-/// The `cove` CLI of this build profile.
-fn cove_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let (coved, _) = cove_tests::coved::binaries();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let mut build = Command::new(cargo);
-        build.current_dir(cove_tests::repository()).args([
-            "build",
-            "-p",
-            "cove-supervisor",
-            "--bin",
-            "cove",
-        ]);
-        if coved.parent().and_then(Path::file_name) == Some("release".as_ref()) {
-            build.arg("--release");
-        }
-        assert!(build.status().expect("run cargo build").success());
-        coved.with_file_name("cove")
-    })
-}
-
-fn cove(coved: &Coved, arguments: &[&str]) -> Output {
-    Command::new(cove_binary())
-        .arg("--dir")
-        .arg(&coved.directory)
-        .args(arguments)
-        .env_remove("COVE_DIR")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run cove")
-}
-
 /// Image fingerprints coved has, and what lies in its image and staging directories.
 fn image_state(coved: &Coved) -> (Value, Vec<String>) {
     let mut files: Vec<String> = ["images", "images/.staging"]
@@ -238,17 +168,14 @@ fn vm_images_import_with_lxc_and_cove_and_bad_disks_or_containers_are_refused() 
 
     // The split form through `cove image import META DISK` (the disk goes as `rootfs.img`):
     // named by the SHA-256 of both files, in order.
-    let output = cove(
-        &coved,
-        &[
-            "image",
-            "import",
-            &path(&files.metadata),
-            &path(&files.disk),
-            "--alias",
-            "busybox-vm-split",
-        ],
-    );
+    let output = coved.cove(&[
+        "image",
+        "import",
+        &path(&files.metadata),
+        &path(&files.disk),
+        "--alias",
+        "busybox-vm-split",
+    ]);
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(image_type(&coved, "busybox-vm-split"), "virtual-machine");
     assert_eq!(
@@ -382,7 +309,7 @@ fn a_vm_from_a_vm_image_launches_with_lxc_and_gets_its_static_address_on_a_manag
     in_private_network(|| {
         // Declared before coved, so that it runs after coved is gone and cannot restart it.
         let mut stop_dnsmasq = StopDnsmasq(None);
-        let coved = start_coved("vm-image-launch", &["--default-network", "covebr0"]);
+        let coved = Coved::start_with_vms("vm-image-launch", &["--default-network", "covebr0"]);
         stop_dnsmasq.0 = Some(coved.directory.clone());
         let files = vm_image_files(&coved.directory.join("vm-image"));
         coved.lxc_ok(&[
@@ -435,7 +362,10 @@ fn a_vm_from_a_vm_image_launches_with_lxc_and_gets_its_static_address_on_a_manag
         assert_eq!(shown["status"], "Running", "{shown}");
 
         let released = coved.lxc_ok(&["exec", name, "--", "uname", "-r"]);
-        assert_eq!(released.trim(), kernel_release(kernel()));
+        assert_eq!(
+            released.trim(),
+            kernel_release(project_kernel()).expect("kernelrelease= in build-info")
+        );
 
         // Its tap is on the managed network's bridge, and dnsmasq hands it the static
         // address (the hosts file names the VM's MAC).
